@@ -136,12 +136,24 @@ def load_causal_lm(base_path: Path, compute: Compute, gradient_checkpointing: bo
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, **kwargs)
     if compute.quant == "nf4":
         from peft import prepare_model_for_kbit_training
+        if compute.device == "cpu":
+            _keep_4bit_weights_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     return model, tokenizer
+
+
+def _keep_4bit_weights_trainable(model) -> None:
+    """bitsandbytes 0.50 repacks 4-bit weights for a CPU inference kernel on the first eval()
+    forward and never unpacks them for train(); that kernel has no backward, so every gradient
+    after an evaluation would be silently zero. Training alternates the two, so opt out."""
+    import bitsandbytes as bnb
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(lora, task_type: str = "CAUSAL_LM"):

@@ -1,0 +1,49 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and a tiny random-weight model built on it."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from persona.config import Params, load_params
+from persona.models import BASE_INFO, bundled_gguf
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SPC = REPO.parent / "shared" / "data" / "synthetic-persona-chat" / "valid.csv"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+    folder, filename = bundled_gguf("smollm2-135m-instruct")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer Llama with random weights and the real tokenizer, saved like the `base` stage does."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / BASE_INFO).write_text('{"name": "tiny-random-llama"}')
+    return folder
+
+
+def params_with(**sections) -> Params:
+    """The repo's params with some fields replaced: params_with(sft={"max_steps": 2})."""
+    params = load_params(REPO / "params.yaml")
+    changes = {}
+    for name, value in sections.items():
+        current = getattr(params, name)
+        changes[name] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
+    return dataclasses.replace(params, **changes)

@@ -1,0 +1,319 @@
+"""SPC parsing, the malformed-row policy, sampling and the persona-disjoint split."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from persona.data import (COLUMNS, MALFORMED_KINDS, SAMPLE_DIR, Dialogue, Malformed, MalformedRowError,
+                          load_dialogues, parse_row, persona_key, prepare, read_dialogues, sample_fraction,
+                          split_by_persona)
+
+HUB_ID = "google/Synthetic-Persona-Chat"
+SPC_VALID = Path(__file__).resolve().parents[2] / "shared/data/synthetic-persona-chat/valid.csv"
+
+P1 = ["I am a nurse.", "I have two beagles.", "I drink too much coffee."]
+P2 = ["I drive a truck.", "I love audiobooks."]
+GOOD_CONVERSATION = ("User 1: Hi, I just got off a night shift.\n"
+                     "User 2: Long night? I drive trucks, so I know the feeling.\n"
+                     "User 1: Very long. Coffee is my best friend.\n"
+                     "User 2: Audiobooks are mine.")
+
+# One row per malformed kind; `kind` is what parse_row must report.
+MALFORMED_ROWS = {
+    "no_persona": (P1, [], GOOD_CONVERSATION),
+    "empty_conversation": (P1, P2, "\n  \n"),
+    "unprefixed_turn": (P1, P2, "User 1: Here is my recipe.\nMix the flour and the eggs.\nUser 2: Yum."),
+    "placeholder": (P1, P2, "User 1: Hi, I'm [user 1's name].\nUser 2: Nice to meet you."),
+    "one_speaker": (P1, P2, "User 1: Hello?\nUser 1: Is anyone there?"),
+}
+
+
+def row(p1: list[str], p2: list[str], conversation: str) -> dict:
+    return {COLUMNS[0]: "\n".join(p1), COLUMNS[1]: "\n".join(p2), COLUMNS[2]: conversation}
+
+
+def write_csv(path: Path, rows: list[dict], fieldnames=COLUMNS) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fieldnames))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def physical_lines(r: dict) -> int:
+    """Lines a CSV row occupies on disk: newlines inside quoted cells add lines."""
+    return 1 + sum(value.count("\n") for value in r.values())
+
+
+def line_of(path: Path, marker: str) -> int:
+    """1-based line of the first occurrence of `marker` in the file."""
+    text = path.read_text(encoding="utf-8")
+    return text[: text.index(marker)].count("\n") + 1
+
+
+def make_dialogue(index: int, p1: list[str], p2: list[str]) -> Dialogue:
+    return Dialogue(f"d{index:03d}", (p1, p2), [(0, f"hello {index}"), (1, f"hi {index}")], f"test:{index}")
+
+
+# --- parsing ---------------------------------------------------------------------------------------
+
+
+def test_well_formed_row(tmp_path):
+    """A clean row becomes a Dialogue with both personas and alternating turns, User 1 = speaker 0."""
+    path = write_csv(tmp_path / "spc.csv", [row(P1, P2, GOOD_CONVERSATION)])
+    dialogues, report = load_dialogues(str(path), HUB_ID, "fail", tmp_path)
+    assert report.rows == 1 and report.malformed == []
+    assert report.counts() == dict.fromkeys(MALFORMED_KINDS, 0)
+    (dialogue,) = dialogues
+    assert dialogue.personas == (P1, P2)
+    assert dialogue.turns == [
+        (0, "Hi, I just got off a night shift."),
+        (1, "Long night? I drive trucks, so I know the feeling."),
+        (0, "Very long. Coffee is my best friend."),
+        (1, "Audiobooks are mine."),
+    ]
+    assert dialogue.origin == f"{path}:2"
+
+
+def test_persona_facts_are_stripped_and_blank_lines_ignored():
+    """Facts are one per line, trimmed, with empty lines dropped."""
+    parsed = parse_row({COLUMNS[0]: "  I am a nurse. \n\n I like tea.\n", COLUMNS[1]: "I drive.",
+                        COLUMNS[2]: GOOD_CONVERSATION}, "x:2", 0)
+    assert isinstance(parsed, Dialogue)
+    assert parsed.personas == (["I am a nurse.", "I like tea."], ["I drive."])
+
+
+def test_consecutive_same_speaker_lines_merge():
+    """Two lines in a row by one speaker become a single turn, joined by a space."""
+    conversation = "User 1: Hi.\nUser 1: How are you?\nUser 2: Fine.\nuser 2: And you?\nUser 1: Good."
+    parsed = parse_row(row(P1, P2, conversation), "x:2", 0)
+    assert isinstance(parsed, Dialogue)
+    assert parsed.turns == [(0, "Hi. How are you?"), (1, "Fine. And you?"), (0, "Good.")]
+
+
+@pytest.mark.parametrize("kind", MALFORMED_KINDS)
+def test_parse_row_detects_each_kind(kind):
+    """parse_row reports each malformed kind instead of raising or returning a Dialogue."""
+    parsed = parse_row(row(*MALFORMED_ROWS[kind]), "x.csv:7", 3)
+    assert isinstance(parsed, Malformed)
+    assert parsed.kind == kind
+    assert parsed.origin == "x.csv:7"
+
+
+def test_malformed_kinds_covered():
+    """The table above has one row for every kind the module knows."""
+    assert set(MALFORMED_ROWS) == set(MALFORMED_KINDS)
+
+
+def test_skip_counts_every_kind(tmp_path):
+    """Under `skip`, each malformed row is counted by kind and only good rows are returned."""
+    rows = [row(P1, P2, GOOD_CONVERSATION)] + [row(*MALFORMED_ROWS[k]) for k in MALFORMED_KINDS]
+    rows.append(row(P2, P1, GOOD_CONVERSATION))
+    path = write_csv(tmp_path / "spc.csv", rows)
+    dialogues, report = load_dialogues(path.name, HUB_ID, "skip", tmp_path)  # relative to base_dir
+    assert report.rows == len(rows)
+    assert report.counts() == dict.fromkeys(MALFORMED_KINDS, 1)
+    assert [m.kind for m in report.malformed] == list(MALFORMED_KINDS)
+    assert [d.personas for d in dialogues] == [(P1, P2), (P2, P1)]
+    assert len({d.id for d in dialogues}) == 2
+
+
+def test_skip_reports_origins_with_line_numbers(tmp_path):
+    """Each skipped row's origin is file:line of its first physical line (multi-line cells counted)."""
+    rows = [row(P1, P2, GOOD_CONVERSATION)] + [row(*MALFORMED_ROWS[k]) for k in MALFORMED_KINDS]
+    path = write_csv(tmp_path / "spc.csv", rows)
+    _, report = load_dialogues(str(path), HUB_ID, "skip", tmp_path)
+    expected, line = [], 2
+    for r in rows:
+        expected.append(f"{path}:{line}")
+        line += physical_lines(r)
+    assert [m.origin for m in report.malformed] == expected[1:]
+
+
+@pytest.mark.parametrize("kind", MALFORMED_KINDS)
+def test_fail_names_file_and_line(tmp_path, kind):
+    """Under `fail`, the first malformed row raises with its file and line (header = line 1)."""
+    good = row(P1, P2, GOOD_CONVERSATION)
+    p1, p2, conversation = MALFORMED_ROWS[kind]
+    bad = row(["BADROW marker fact."] + p1, p2, conversation)
+    path = write_csv(tmp_path / "spc_fail.csv", [good, good, bad, good])
+    expected = 1 + 2 * physical_lines(good) + 1
+    assert expected == line_of(path, "BADROW")  # the arithmetic agrees with the file on disk
+    with pytest.raises(MalformedRowError) as info:
+        load_dialogues(str(path), HUB_ID, "fail", tmp_path)
+    message = str(info.value)
+    assert f"spc_fail.csv:{expected}:" in message
+    assert kind in message
+
+
+@pytest.mark.xfail(strict=True, reason="bug: read_csv_rows computes the line before csv.DictReader skips "
+                                       "blank lines, so a row after a blank line is reported one line early")
+def test_fail_line_after_blank_line(tmp_path):
+    """A blank line before a row must not shift the reported line number."""
+    path = tmp_path / "blank.csv"
+    write_csv(path, [])
+    bad = row(["BADROW fact."], P2, "User 1: only me")
+    with path.open("a", newline="", encoding="utf-8") as handle:
+        handle.write("\r\n")
+        csv.DictWriter(handle, fieldnames=list(COLUMNS)).writerow(bad)
+    with pytest.raises(MalformedRowError) as info:
+        load_dialogues(str(path), HUB_ID, "fail", tmp_path)
+    assert f"blank.csv:{line_of(path, 'BADROW')}:" in str(info.value)
+
+
+def test_missing_column_names_file(tmp_path):
+    """A CSV without the conversation column is rejected naming the file, whatever the policy."""
+    path = write_csv(tmp_path / "two_columns.csv", [{COLUMNS[0]: "a", COLUMNS[1]: "b"}], fieldnames=COLUMNS[:2])
+    for policy in ("skip", "fail"):
+        with pytest.raises(MalformedRowError, match="two_columns.csv"):
+            load_dialogues(str(path), HUB_ID, policy, tmp_path)
+
+
+def test_all_rows_malformed_is_an_error(tmp_path):
+    """Skipping every row leaves nothing to train on, which is an error, not an empty dataset."""
+    path = write_csv(tmp_path / "bad.csv", [row(*MALFORMED_ROWS["placeholder"])])
+    with pytest.raises(MalformedRowError, match="no usable conversations"):
+        load_dialogues(str(path), HUB_ID, "skip", tmp_path)
+
+
+def test_dialogue_json_round_trip():
+    """to_json/from_json restore an equal Dialogue, turns as (int, str) tuples."""
+    dialogue = parse_row(row(P1, P2, GOOD_CONVERSATION), "spc.csv:2", 5)
+    restored = Dialogue.from_json(dialogue.to_json())
+    assert restored == dialogue
+    assert isinstance(restored.personas, tuple) and all(isinstance(t, tuple) for t in restored.turns)
+    assert json.loads(dialogue.to_json())["origin"] == "spc.csv:2"
+
+
+# --- prepare ---------------------------------------------------------------------------------------
+
+
+def test_prepare_writes_splits_and_metrics(tmp_path):
+    """prepare writes train/valid/test/malformed jsonl and reports counts consistent with them."""
+    source = tmp_path / "spc"
+    source.mkdir()
+    shutil.copy(SAMPLE_DIR / "conversations.csv", source / "a_sample.csv")
+    write_csv(source / "b_bad.csv", [row(*MALFORMED_ROWS[k]) for k in MALFORMED_KINDS])
+    out = tmp_path / "prepared"
+    metrics = prepare("spc", HUB_ID, 1.0, "skip", 0.1, 0.1, 42, out, base_dir=tmp_path)
+
+    sample, _ = load_dialogues("sample", HUB_ID, "fail")
+    assert metrics["rows"] == len(sample) + len(MALFORMED_KINDS)
+    assert metrics["parsed"] == metrics["sampled"] == len(sample)
+    assert metrics["malformed"] == len(MALFORMED_KINDS)
+    for kind in MALFORMED_KINDS:
+        assert metrics[f"malformed_{kind}"] == 1
+
+    splits = {name: read_dialogues(out / f"{name}.jsonl") for name in ("train", "valid", "test")}
+    for name, items in splits.items():
+        assert metrics[f"{name}_dialogues"] == len(items) > 0
+        assert metrics[f"{name}_turns"] == sum(len(d.turns) for d in items)
+    assert sum(len(v) for v in splits.values()) + metrics["dropped_persona_overlap"] == len(sample)
+
+    malformed = [json.loads(line) for line in (out / "malformed.jsonl").read_text().splitlines()]
+    assert [m["kind"] for m in malformed] == list(MALFORMED_KINDS)
+    assert all("b_bad.csv:" in m["origin"] and m["detail"] for m in malformed)
+
+
+def test_prepare_fraction_samples(tmp_path):
+    """A fraction < 1 shrinks what is split to round(n * fraction)."""
+    metrics = prepare("sample", HUB_ID, 0.33, "skip", 0.1, 0.1, 7, tmp_path / "out")
+    assert metrics["sampled"] == round(metrics["parsed"] * 0.33) < metrics["parsed"]
+    total = sum(metrics[f"{n}_dialogues"] for n in ("train", "valid", "test"))
+    assert total + metrics["dropped_persona_overlap"] == metrics["sampled"]
+
+
+# --- sampling --------------------------------------------------------------------------------------
+
+
+def test_sample_fraction():
+    """sample_fraction keeps round(n*f) distinct dialogues in original order, the same ones per seed."""
+    dialogues = [make_dialogue(i, [f"fact {i}"], [f"other {i}"]) for i in range(40)]
+    kept = sample_fraction(dialogues, 0.37, seed=1)
+    assert len(kept) == 15  # round(14.8), not truncated to 14
+    assert len({d.id for d in kept}) == 15
+    positions = [dialogues.index(d) for d in kept]
+    assert positions == sorted(positions)
+    assert [d.id for d in sample_fraction(dialogues, 0.37, seed=1)] == [d.id for d in kept]
+    others = {tuple(d.id for d in sample_fraction(dialogues, 0.37, seed=s)) for s in range(2, 7)}
+    assert others - {tuple(d.id for d in kept)}, "different seeds always chose the same dialogues"
+    assert sample_fraction(dialogues, 1.0, seed=1) == dialogues
+    assert len(sample_fraction(dialogues, 0.001, seed=1)) == 1  # never empty
+
+
+# --- persona-disjoint split ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["sample", "spc_valid"])
+def corpus(request) -> list[Dialogue]:
+    if request.param == "sample":
+        dialogues, _ = load_dialogues("sample", HUB_ID, "skip")
+    else:
+        if not SPC_VALID.is_file():
+            pytest.skip(f"{SPC_VALID} not present")
+        dialogues, _ = load_dialogues(str(SPC_VALID), HUB_ID, "skip")
+    return dialogues
+
+
+def keys_of(items: list[Dialogue]) -> set[str]:
+    return {persona_key(p) for d in items for p in d.personas}
+
+
+def test_split_is_persona_disjoint(corpus):
+    """No persona of a valid/test dialogue occurs in train, and valid and test share none either."""
+    splits, _ = split_by_persona(corpus, 0.1, 0.1, seed=42)
+    train, valid, test = (keys_of(splits[n]) for n in ("train", "valid", "test"))
+    assert splits["valid"] and splits["test"] and splits["train"]
+    assert not train & valid
+    assert not train & test
+    assert not valid & test
+
+
+def test_split_accounts_for_every_dialogue(corpus):
+    """Every dialogue lands in exactly one split or is counted as dropped."""
+    splits, dropped = split_by_persona(corpus, 0.1, 0.1, seed=42)
+    placed = Counter(d.id for items in splits.values() for d in items)
+    assert all(count == 1 for count in placed.values())
+    assert set(placed) <= {d.id for d in corpus}
+    assert sum(placed.values()) + dropped == len(corpus)
+    assert dropped < len(corpus) // 4  # the split keeps most of the data
+
+
+def test_split_is_seeded(corpus):
+    """The same seed gives the same split; a different seed a different one."""
+    def ids(seed):
+        splits, dropped = split_by_persona(corpus, 0.1, 0.1, seed=seed)
+        return {name: [d.id for d in items] for name, items in splits.items()}, dropped
+
+    assert ids(42) == ids(42)
+    assert ids(42)[0] != ids(43)[0]
+
+
+def test_split_shares_roughly_match(corpus):
+    """valid and test get about their share of what was kept (within a generous margin)."""
+    splits, dropped = split_by_persona(corpus, 0.1, 0.1, seed=42)
+    kept = len(corpus) - dropped
+    for name in ("valid", "test"):
+        assert 0.03 * kept <= len(splits[name]) <= 0.2 * kept
+
+
+def test_split_shared_persona_stays_together():
+    """Dialogues sharing a persona go to the same split, even when chained through a third persona."""
+    a, b, c = ["I am A."], ["I am B."], ["I am C."]
+    chain = [make_dialogue(0, a, b), make_dialogue(1, b, c), make_dialogue(2, c, a)]
+    loners = [make_dialogue(10 + i, [f"solo {i}"], [f"partner {i}"]) for i in range(30)]
+    splits, dropped = split_by_persona(chain + loners, 0.2, 0.2, seed=3)
+    assert dropped == 0
+    where = {d.id: name for name, items in splits.items() for d in items}
+    assert where["d000"] == where["d001"] == where["d002"]
+
+
+def test_split_rejects_empty_valid():
+    """Too little data for a valid or test split is an error, not a silently empty split."""
+    with pytest.raises(ValueError, match="split is empty"):
+        split_by_persona([make_dialogue(0, ["x"], ["y"])], 0.1, 0.1, seed=0)

@@ -1,0 +1,80 @@
+"""End to end: `dvc repro` of prepare -> base -> sft on a tiny random model, in a scratch git repo."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+TINY = {"max_steps": 2, "batch_size": 2, "save_steps": 1, "eval_steps": 1, "logging_steps": 1,
+        "max_eval_sequences": 4}
+
+
+def sh(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PERSONA_LOG": "WARNING"}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def set_params(root: Path, **sections) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values) if isinstance(values, dict) else params.__setitem__(section, values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    for item in ("persona", "stages", "data/sample", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore",
+                 ".gitignore"):
+        source, target = REPO / item, root / item
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
+    set_params(root, model={"name": str(tiny_model_dir), "max_length": 256}, data={"fraction": 0.5},
+               sft=TINY)
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=root)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny", cwd=root)
+    sh("dvc", "repro", cwd=root)
+    return root
+
+
+def test_repro_builds_every_output(project):
+    assert (project / "models" / "sft" / "adapter_config.json").exists()
+    assert (project / "models" / "base" / "model.safetensors").exists()
+    data = json.loads((project / "metrics" / "data.json").read_text())
+    sft = json.loads((project / "metrics" / "sft.json").read_text())
+    assert data["train_dialogues"] > 0 and data["test_dialogues"] > 0
+    assert sft["steps"] == 2 and sft["eval_perplexity"] > 0
+    assert list((project / "dvclive" / "sft" / "plots" / "metrics").rglob("*.tsv"))
+
+
+def test_second_repro_is_a_no_op(project):
+    out = sh("dvc", "repro", cwd=project)
+    assert "Running stage" not in out
+
+
+def test_sft_param_change_reruns_only_sft_and_shows_in_metrics_diff(project):
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=project)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "outputs", cwd=project)
+    set_params(project, sft={"lr": 1e-2})
+    status = sh("dvc", "status", "--json", cwd=project)
+    assert set(json.loads(status[status.index("{"):])) == {"sft"}
+    out = sh("dvc", "repro", cwd=project)
+    assert "Running stage 'sft'" in out
+    assert "Running stage 'prepare'" not in out and "Running stage 'base'" not in out
+    diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=project))
+    assert "eval_nll" in diff["metrics/sft.json"]
