@@ -22,7 +22,7 @@ PROJECT_TEMPLATE = (
     "{% elif message['role'] == 'user' %}[USER] {{ message['content'] }}\n"
     "{% else %}[RESPONSE] {{ message['content'] }}{{ eos_token }}\n{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}[RESPONSE] {% endif %}"
+    "{% if add_generation_prompt %}[RESPONSE]{% endif %}"  # no trailing space: BPE glues it to the next word
 )
 
 
@@ -96,7 +96,8 @@ def _encode(tokenizer, messages: list[dict], train_on: str) -> Encoded:
                              "cannot be located; use a model whose template does, or one without a template")
         spans.append((len(prompt), len(full)))
     tokens = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [int(any(s <= begin < e for s, e in spans)) for begin, _ in tokens["offset_mapping"]]
+    # Overlap, not start: a byte-level BPE token may carry the space before a reply's first word.
+    mask = [int(any(begin < e and end > s for s, e in spans)) for begin, end in tokens["offset_mapping"]]
     return Encoded(tokens["input_ids"], mask, len(spans))
 
 

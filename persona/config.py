@@ -60,7 +60,7 @@ class ModelConfig:
         if self.name.startswith((".", "/", "~")) or local.is_dir():
             _check(local.is_dir(), "model.name", f"local model directory {local} does not exist")
             return
-        _check(bool(_HUB_ID.match(self.name)), "model.name",
+        _check(bool(_HUB_ID.fullmatch(self.name)), "model.name",
                f"{self.name!r} is not a bundled model {BUNDLED_MODELS}, a local directory, or a hub id")
 
 
@@ -147,7 +147,7 @@ def from_dict(cls, raw, prefix: str):
         raise ConfigError(f"{prefix or 'params'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(raw) - names, key=str)
     if unknown:
         raise ConfigError(f"unknown key {_join(prefix, unknown[0])!r}; allowed under "
                           f"{prefix or 'the top level'}: {sorted(names)}")

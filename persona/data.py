@@ -106,15 +106,19 @@ def _facts(cell: str | None) -> list[str]:
 
 
 def read_csv_rows(path: Path):
-    """Yield (origin, row) with origin = 'file:line' of the row's first line."""
+    """Yield (origin, row) with origin = 'file:line' of the row's first physical line."""
     with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or not set(COLUMNS) <= set(reader.fieldnames):
-            raise MalformedRowError(f"{path}: expected SPC columns {list(COLUMNS)}, found {reader.fieldnames}")
-        line = reader.line_num + 1
-        for row in reader:
-            yield f"{path}:{line}", row
-            line = reader.line_num + 1
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or not set(COLUMNS) <= set(header):
+            raise MalformedRowError(f"{path}: expected SPC columns {list(COLUMNS)}, found {header}")
+        while True:
+            line = reader.line_num + 1  # before reading, so blank lines skipped below still count
+            values = next(reader, None)
+            if values is None:
+                return
+            if values:
+                yield f"{path}:{line}", dict(zip(header, values + [None] * (len(header) - len(values))))
 
 
 def spc_csv_files(source: Path) -> list[Path]:

@@ -4,15 +4,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
-from persona.config import Params, load_params
+from persona.config import ConfigError, Params, load_params
+from persona.data import MalformedRowError
+
+USER_ERRORS = (ConfigError, MalformedRowError, FileNotFoundError)
 
 METRICS_DIR = Path("metrics")
 
 
 def start(params_path: str = "params.yaml") -> Params:
     """Configure logging and load + validate params before any work starts."""
+    sys.excepthook = _report_user_errors
     logging.basicConfig(level=os.environ.get("PERSONA_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     return load_params(params_path)
@@ -25,3 +30,11 @@ def write_metrics(name: str, metrics: dict) -> Path:
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     logging.getLogger("persona").info("wrote %s: %s", path, json.dumps(metrics, sort_keys=True))
     return path
+
+
+def _report_user_errors(kind, error, trace):
+    """Bad params or data: one line naming the key, file or row, not a traceback."""
+    if issubclass(kind, USER_ERRORS):
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    sys.__excepthook__(kind, error, trace)

@@ -23,15 +23,6 @@ TURNS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    from persona.models import bundled_gguf
-
-    folder, filename = bundled_gguf("smollm2-135m-instruct")
-    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-
-
-@pytest.fixture(scope="module")
 def plain_tokenizer(tokenizer):
     """A copy without chat template or pad token, as a GPT-2-like model would come."""
     copied = copy.deepcopy(tokenizer)
@@ -214,7 +205,7 @@ def test_project_template_installed(plain_tokenizer):
         assert tag in text
     assert "<|im_start|>" not in text
     assert text.count("[RESPONSE]") == 3 and text.count("[USER]") == 2
-    assert render(plain_tokenizer, messages, add_generation_prompt=True).endswith("[RESPONSE] ")
+    assert render(plain_tokenizer, messages, add_generation_prompt=True).endswith("[RESPONSE]")
 
 
 def test_project_template_mask_has_no_prompt(plain_tokenizer):
@@ -232,9 +223,6 @@ def test_project_template_mask_has_no_prompt(plain_tokenizer):
     assert PERSONA_HEADER not in masked
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the first word of each response is left out of the mask under "
-                                       "PROJECT_TEMPLATE, because its token (' Hi') starts at the space that "
-                                       "ends the prompt '[RESPONSE] ', before the span start")
 def test_project_template_mask_is_exactly_responses(plain_tokenizer):
     """Under the project template the mask covers each whole response plus eos."""
     messages = messages_for(FACTS_0, TURNS, 0)

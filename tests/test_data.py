@@ -151,8 +151,6 @@ def test_fail_names_file_and_line(tmp_path, kind):
     assert kind in message
 
 
-@pytest.mark.xfail(strict=True, reason="bug: read_csv_rows computes the line before csv.DictReader skips "
-                                       "blank lines, so a row after a blank line is reported one line early")
 def test_fail_line_after_blank_line(tmp_path):
     """A blank line before a row must not shift the reported line number."""
     path = tmp_path / "blank.csv"
