@@ -20,6 +20,8 @@ def start(params_path: str = "params.yaml") -> Params:
     sys.excepthook = _report_user_errors
     logging.basicConfig(level=os.environ.get("PERSONA_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # bitsandbytes warns on import about an optional CPU kernel package it can live without.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     return load_params(params_path)
 
 

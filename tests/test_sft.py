@@ -108,3 +108,9 @@ def test_compute_resolution(quant, precision, cuda, bf16_ok, expected):
 def test_impossible_precision_is_rejected_naming_the_key(precision, cuda, bf16_ok):
     with pytest.raises(ConfigError, match=r"sft\.precision"):
         resolve_compute("auto", precision, "sft", cuda=cuda, bf16_ok=bf16_ok)
+
+
+def test_gradient_checkpointing_trains(prepared, tiny_model_dir, tmp_path):
+    metrics = run(params_with(sft={**TINY_SFT, "gradient_checkpointing": True, "max_steps": 2}), prepared,
+                  tiny_model_dir, tmp_path)
+    assert metrics["steps"] == 2 and metrics["eval_nll"] < metrics["base_eval_nll"]
