@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from persona.chat_format import dialogue_examples
 from persona.config import Params
@@ -111,6 +112,31 @@ def prepare_checkpoints(folder: Path, expected: dict) -> str | None:
     return None
 
 
+class LiveCurves(TrainerCallback):
+    """Trainer logs -> dvclive curves keyed by optimizer step (`train/loss`, `eval/loss`, ...).
+
+    transformers' own DVCLiveCallback advances one dvclive step per log call, so train and
+    eval logs interleave and the x axis stops meaning training steps.
+    """
+
+    def __init__(self, live):
+        self.live = live
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.live.step = state.global_step
+        for key, value in (logs or {}).items():
+            if isinstance(value, (int, float)) and not key.startswith("train_") \
+                    and not key.endswith(("runtime", "per_second")):
+                split, name = key.split("_", 1) if key.startswith("eval_") else ("train", key)
+                self.live.log_metric(f"{split}/{name}", value)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.live.end()
+
+
 def trl_config(train, compute: Compute, output_dir: Path, seed: int, max_length: int, config_class=None, **extra):
     """A TRL config with precision always explicit: TRL 1.x defaults to bf16, ~9x slower on AVX2 CPUs."""
     if config_class is None:
@@ -135,7 +161,6 @@ def train_sft(params: Params, prepared: Path, base_path: Path, out_dir: Path, ch
     from dvclive import Live
     from peft import get_peft_model
     from transformers import set_seed
-    from transformers.integrations import DVCLiveCallback
     from trl import SFTTrainer
 
     cfg = params.sft
@@ -160,7 +185,7 @@ def train_sft(params: Params, prepared: Path, base_path: Path, out_dir: Path, ch
                       remove_unused_columns=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set.remove_columns("responses"),
                          eval_dataset=eval_set.remove_columns("responses"), processing_class=tokenizer,
-                         callbacks=[DVCLiveCallback(live=live), *callbacks])
+                         callbacks=[LiveCurves(live), *callbacks])
     result = trainer.train(resume_from_checkpoint=resume)
     sft_nll, _ = completion_nll(model, eval_set, tokenizer.pad_token_id, cfg.batch_size)
     model.save_pretrained(out_dir)

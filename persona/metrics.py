@@ -1,0 +1,169 @@
+"""Pure metric functions for evaluating persona chatbots: text in, numbers out.
+
+No model is loaded here; the evaluation stage computes log-likelihoods and candidate scores
+and passes them in. Definitions follow ConvAI2/ParlAI where one exists (answer normalisation,
+unigram F1, hits@1), so figures are comparable with published PersonaChat numbers.
+Aggregates come with a percentile bootstrap CI, flat enough for `dvc metrics diff`.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import sacrebleu
+from rouge_score import rouge_scorer
+
+# NLTK's English stopword list, written out so no corpus download is needed. Contractions are
+# kept in their apostrophe-free form ("dont"), since keyword_score strips punctuation first.
+STOPWORDS = frozenset({
+    "i", "me", "my", "myself", "we", "our", "ours", "ourselves", "you", "youre", "youve", "youll", "youd", "your",
+    "yours", "yourself", "yourselves", "he", "him", "his", "himself", "she", "shes", "her", "hers", "herself", "it",
+    "its", "itself", "they", "them", "their", "theirs", "themselves", "what", "which", "who", "whom", "this",
+    "that", "thatll", "these", "those", "am", "is", "are", "was", "were", "be", "been", "being", "have", "has",
+    "had", "having", "do", "does", "did", "doing", "a", "an", "the", "and", "but", "if", "or", "because", "as",
+    "until", "while", "of", "at", "by", "for", "with", "about", "against", "between", "into", "through", "during",
+    "before", "after", "above", "below", "to", "from", "up", "down", "in", "out", "on", "off", "over", "under",
+    "again", "further", "then", "once", "here", "there", "when", "where", "why", "how", "all", "any", "both",
+    "each", "few", "more", "most", "other", "some", "such", "no", "nor", "not", "only", "own", "same", "so", "than",
+    "too", "very", "s", "t", "can", "will", "just", "don", "dont", "should", "shouldve", "now", "d", "ll", "m", "o",
+    "re", "ve", "y", "ain", "aren", "arent", "couldn", "couldnt", "didn", "didnt", "doesn", "doesnt", "hadn",
+    "hadnt", "hasn", "hasnt", "haven", "havent", "isn", "isnt", "ma", "mightn", "mightnt", "mustn", "mustnt",
+    "needn", "neednt", "shan", "shant", "shouldn", "shouldnt", "wasn", "wasnt", "weren", "werent", "won", "wont",
+    "wouldn", "wouldnt"
+})
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = re.compile(r"[!\"#$%&()*+,\-./:;<=>?@\[\]\\^`{|}~_']")
+_NON_WORD = re.compile(r"[^\w\s]")
+_ROUGE = rouge_scorer.RougeScorer(["rougeL"])
+
+
+def normalize_answer(text: str) -> str:
+    """ParlAI's normalisation: lower-case, punctuation and articles to spaces, collapse whitespace."""
+    text = _PUNCTUATION.sub(" ", text.lower())
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def unigram_f1(reply: str, gold: str) -> float:
+    """ConvAI2 F1: precision/recall over the multiset of normalised tokens the two share."""
+    reply_tokens, gold_tokens = normalize_answer(reply).split(), normalize_answer(gold).split()
+    common = sum((Counter(reply_tokens) & Counter(gold_tokens)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(reply_tokens), common / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    words = text.lower().split()
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def distinct_n(replies: list[str], n: int) -> float:
+    """Distinct n-grams / all n-grams over the whole set (n-grams never span two replies)."""
+    grams = [gram for reply in replies for gram in _ngrams(reply, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(reply: str) -> float:
+    """Share of repeated word trigrams within one reply: 1 - distinct/all; 0 below 3 words."""
+    trigrams = _ngrams(reply, 3)
+    return 1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
+
+
+def is_question(reply: str) -> bool:
+    """A reply that asks something back keeps the conversation going."""
+    return "?" in reply
+
+
+def _words(text: str) -> list[str]:
+    return _NON_WORD.sub("", text.lower()).split()
+
+
+def keyword_score(reply: str, facts: list[str]) -> float:
+    """The original recipe's persona-consistency score: share of facts with a keyword in the reply.
+
+    A fact's keywords are its words (lower-cased, punctuation stripped) longer than 3 letters
+    that are not stopwords; a fact counts when any of them appears as a word of the reply.
+    Kept for comparison with the original numbers: it is blind to paraphrase and contradiction.
+    """
+    if not facts:
+        return 0.0
+    reply_words = set(_words(reply))
+    hits = sum(any(len(w) > 3 and w not in STOPWORDS and w in reply_words for w in _words(fact)) for fact in facts)
+    return hits / len(facts)
+
+
+def rouge_l(a: str, b: str) -> float:
+    """ROUGE-L F-measure (longest common subsequence of tokens; symmetric in a and b)."""
+    return _ROUGE.score(b, a)["rougeL"].fmeasure
+
+
+def parrots(reply: str, facts: list[str], threshold: float = 0.6) -> bool:
+    """True when the reply copies a persona fact near-verbatim (ROUGE-L F >= threshold with one)."""
+    return max((rouge_l(reply, fact) for fact in facts), default=0.0) >= threshold
+
+
+def bleu(replies: list[str], golds: list[str]) -> float:
+    """Corpus BLEU (sacrebleu defaults, one reference per reply), 0-100."""
+    return sacrebleu.corpus_bleu(replies, [golds]).score
+
+
+def rank_of_true(scores: Sequence[float], true_index: int) -> int:
+    """1-based rank of the true candidate; ties count against it, so a constant scorer ranks last."""
+    true_score = scores[true_index]
+    return 1 + sum(score >= true_score for i, score in enumerate(scores) if i != true_index)
+
+
+def _ranks(score_rows: Sequence[Sequence[float]], true_indices: Sequence[int]) -> np.ndarray:
+    return np.array([rank_of_true(row, t) for row, t in zip(score_rows, true_indices, strict=True)])
+
+
+def hits_at_1(score_rows: Sequence[Sequence[float]], true_indices: Sequence[int]) -> float:
+    """Share of rows whose true candidate strictly outscores every distractor (ConvAI2 hits@1)."""
+    return float(np.mean(_ranks(score_rows, true_indices) == 1))
+
+
+def mrr(score_rows: Sequence[Sequence[float]], true_indices: Sequence[int]) -> float:
+    """Mean reciprocal rank of the true candidate."""
+    return float(np.mean(1 / _ranks(score_rows, true_indices)))
+
+
+def persona_likelihood_gain(logp_true: float, logp_others: Sequence[float]) -> float:
+    """Per-token log-likelihood of a reply under its persona minus the mean under swapped ones.
+
+    Inputs are per-token means. Positive when the model's reply depends on the persona;
+    0 for a model that ignores it.
+    """
+    if not logp_others:
+        raise ValueError("persona_likelihood_gain needs at least one swapped persona")
+    return float(logp_true - np.mean(logp_others))
+
+
+def bootstrap_ci(values: Sequence[float], statistic: Callable[[np.ndarray], float] = np.mean,
+                 n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap (1 - alpha) CI of `statistic`; deterministic for a seed.
+
+    (nan, nan) for no values; a single value has no spread, so its CI is the statistic itself.
+    """
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        return float("nan"), float("nan")
+    if data.size == 1:
+        point = float(statistic(data))
+        return point, point
+    rng = np.random.default_rng(seed)
+    resamples = rng.integers(0, data.size, size=(n_resamples, data.size))
+    stats = np.array([statistic(data[row]) for row in resamples])
+    low, high = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
+def summarize(values: Sequence[float], seed: int = 0) -> dict:
+    """Mean, 95% bootstrap CI and count, rounded to 4 places for a metrics JSON."""
+    mean = float(np.mean(values)) if len(values) else float("nan")
+    low, high = bootstrap_ci(values, seed=seed)
+    return {"mean": round(mean, 4), "ci_low": round(low, 4), "ci_high": round(high, 4), "n": len(values)}
