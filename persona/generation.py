@@ -1,0 +1,53 @@
+"""Batched, seeded reply generation: the one place pairs, PPO rollouts, evaluation and chat generate.
+
+Prompts are left-padded (so every row's next token sits at the same position and the KV cache
+serves the whole batch) and sorted by length so batches carry little padding; replies come back
+in input order. Each batch is seeded from (seed, its first prompt's index), so a reply does not
+depend on what else happened to run before it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from persona.chat_format import render
+
+
+@dataclass(frozen=True)
+class Decoding:
+    max_new_tokens: int = 32
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    batch_size: int = 8
+    seed: int = 0
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, chats: list[list[dict]], decoding: Decoding) -> list[str]:
+    """The next assistant reply for each chat (messages ending with the partner's turn)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    texts = [render(tokenizer, chat, add_generation_prompt=True) for chat in chats]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(chats)), key=lambda i: len(encoded[i]))
+    replies = [""] * len(chats)
+    for start in range(0, len(order), decoding.batch_size):
+        chunk = order[start:start + decoding.batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            attention[row, width - len(encoded[i]):] = 1
+        torch.manual_seed(decoding.seed * 1_000_003 + min(chunk))
+        sampling = {"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p} \
+            if decoding.temperature > 0 else {"do_sample": False}
+        output = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device),
+                                max_new_tokens=decoding.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+        for row, i in enumerate(chunk):
+            replies[i] = tokenizer.decode(output[row, width:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return replies

@@ -1,0 +1,173 @@
+"""Evaluation on the tiny random model: batched generation, likelihood scoring, the stage's outputs, the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig
+
+from persona.config import ConfigError
+from persona.data import load_dialogues, split_by_persona
+from persona.evaluate import Prompt, evaluate, select_prompts, write_outputs
+from persona.generation import Decoding, generate_replies
+from persona.likelihood import reply_logprobs
+from persona.__main__ import main as cli
+from tests.conftest import REPO, SHARED_SPC, params_with
+
+SMALL = {"n": 6, "likelihood_n": 3, "persona_candidates": 3, "grounding_candidates": 4, "hits_n": 2,
+         "reply_candidates": 4, "multiturn_n": 2, "multiturn_turns": 2, "perplexity_sequences": 2,
+         "max_new_tokens": 6, "batch_size": 4, "bootstrap": 50}
+
+
+@pytest.fixture(scope="module")
+def test_dialogues():
+    dialogues, _ = load_dialogues("sample", "unused", "skip")
+    return split_by_persona(dialogues, 0.1, 0.1, seed=42)[0]["test"]
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter with non-zero B, so the `sft` policy really differs from `base`."""
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.5)
+    folder = tmp_path_factory.mktemp("sft-adapter")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_nli(tokenizer, tmp_path_factory) -> Path:
+    """A random 3-label classifier with NLI label names: exercises the NLI path (its verdicts are noise)."""
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, num_labels=3, pad_token_id=tokenizer.pad_token_id,
+                        id2label={0: "contradiction", 1: "entailment", 2: "neutral"},
+                        label2id={"contradiction": 0, "entailment": 1, "neutral": 2})
+    folder = tmp_path_factory.mktemp("nli")
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_batched_greedy_generation_equals_one_by_one(tiny_model_dir, test_dialogues, tokenizer):
+    """Left padding and length sorting must not change what a prompt generates."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    blank = [i for i in range(len(tokenizer)) if not tokenizer.decode([i], skip_special_tokens=True).strip()]
+    with torch.no_grad():  # a random model greedily repeats "\n"; zero the (tied) rows of invisible tokens
+        model.get_input_embeddings().weight[blank] = 0
+    chats = [p.chat() for p in select_prompts(test_dialogues, 5, 4, seed=0)]
+    greedy = Decoding(max_new_tokens=8, temperature=0, batch_size=5)
+    batched = generate_replies(model, tokenizer, chats, greedy)
+    alone = [generate_replies(model, tokenizer, [chat], dataclasses.replace(greedy, batch_size=1))[0]
+             for chat in chats]
+    assert batched == alone and any(batched)
+
+
+def test_sampling_is_seeded(tiny_model_dir, test_dialogues, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    chats = [p.chat() for p in select_prompts(test_dialogues, 4, 4, seed=0)]
+    first = generate_replies(model, tokenizer, chats, Decoding(max_new_tokens=8, seed=3))
+    again = generate_replies(model, tokenizer, chats, Decoding(max_new_tokens=8, seed=3))
+    other = generate_replies(model, tokenizer, chats, Decoding(max_new_tokens=8, seed=4))
+    assert first == again and first != other
+
+
+def test_reply_logprob_matches_a_manual_forward_pass(tiny_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompt = Prompt("d", 1, ["I have a dog."], [(0, "Hi there!")], "Hello, my dog says hi.")
+    (score,) = reply_logprobs(model, tokenizer, [prompt.chat(reply=prompt.gold)])
+    context = tokenizer.apply_chat_template(prompt.chat(), tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt.chat(reply=prompt.gold), tokenize=False).rstrip()
+    ids = tokenizer(full, add_special_tokens=False, return_tensors="pt").input_ids
+    start = len(tokenizer(context, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1], -1)
+    manual = logp[torch.arange(start - 1, ids.shape[1] - 1), ids[0, start:]].mean().item()
+    assert score == pytest.approx(manual, abs=1e-4)
+
+
+def test_identical_persona_candidates_give_zero_gain(tiny_model_dir, test_dialogues, tokenizer):
+    """When every candidate persona is the true one, the policy cannot prefer it: gain is exactly 0."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompt = select_prompts(test_dialogues, 1, 4, seed=0)[0]
+    scores = reply_logprobs(model, tokenizer, [prompt.chat(prompt.facts, prompt.gold)] * 3)
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6) == pytest.approx(scores[2], abs=1e-6)
+
+
+def run_evaluate(test_dialogues, tiny_model_dir, sft_adapter, **changes):
+    cfg = dataclasses.replace(params_with(evaluate=SMALL).evaluate, **changes)
+    return evaluate(test_dialogues, cfg, tiny_model_dir, {"sft": sft_adapter}, 256, seed=0)
+
+
+def test_evaluate_writes_every_output_with_cis(test_dialogues, tiny_model_dir, sft_adapter, tmp_path):
+    result, samples = run_evaluate(test_dialogues, tiny_model_dir, sft_adapter)
+    paths = [tmp_path / n for n in ("eval.json", "samples.jsonl", "report.md", "bars.csv", "eval.png")]
+    write_outputs(result, samples, *paths)
+    assert all(p.stat().st_size > 0 for p in paths)
+    saved = json.loads(paths[0].read_text())
+    for name in ("base", "sft"):
+        block = saved[name]
+        assert block["grounding_top1_n"] == 6 and block["persona_gain_n"] == 3
+        for key in ("grounding_top1", "persona_hits1", "parroting_rate", "f1"):
+            assert block[f"{key}_ci_low"] <= block[key] <= block[f"{key}_ci_high"]
+        assert 0 <= block["grounding_top1"] <= 1 and block["gold_perplexity"] > 1
+        assert block["nli_c_score"] is None and block["reward_score"] is None
+        assert set(block) >= {"multiturn_grounding_top1_turn1", "multiturn_grounding_top1_turn2", "reply_hits1"}
+    assert saved["base"]["persona_gain"] != saved["sft"]["persona_gain"]  # the adapter is really switched
+    assert "NLI" in saved["unavailable"]["nli"] or "nli" in saved["unavailable"]["nli"]
+    first = json.loads(paths[1].read_text().splitlines()[0])
+    assert {"persona", "history", "gold", "base", "sft"} <= set(first)
+    assert "| grounding_top1 |" in paths[2].read_text()
+
+
+def test_evaluate_is_deterministic(test_dialogues, tiny_model_dir, sft_adapter):
+    first, _ = run_evaluate(test_dialogues, tiny_model_dir, sft_adapter, policies=["sft"])
+    second, _ = run_evaluate(test_dialogues, tiny_model_dir, sft_adapter, policies=["sft"])
+    first.pop("wall_s"), second.pop("wall_s")
+    for block in (first["sft"], second["sft"]):
+        block.pop("generation_tokens_per_s")
+    assert first == second
+
+
+def test_nli_metrics_are_numbers_when_a_model_is_configured(test_dialogues, tiny_model_dir, sft_adapter, tiny_nli):
+    result, _ = run_evaluate(test_dialogues, tiny_model_dir, sft_adapter, policies=["base"], nli_model=str(tiny_nli))
+    block = result["base"]
+    assert -4 <= block["nli_c_score"] <= 4 and 0 <= block["nli_contradiction_rate"] <= 1
+    assert 0 <= block["multiturn_self_contradiction_rate"] <= 1
+    assert "nli" not in result["unavailable"]
+
+
+def test_missing_adapter_is_a_clear_error(test_dialogues, tiny_model_dir, tmp_path):
+    cfg = params_with(evaluate=SMALL).evaluate
+    with pytest.raises(ConfigError, match="evaluate.policies: 'sft' needs an adapter"):
+        evaluate(test_dialogues, cfg, tiny_model_dir, {"sft": tmp_path / "nothing"}, 256, seed=0)
+
+
+def test_cli_evaluates_an_spc_csv(tiny_model_dir, sft_adapter, tmp_path, capsys):
+    """The CLI on a real SPC CSV when present (else the bundled one), with --n bounding the work."""
+    data = SHARED_SPC if SHARED_SPC.exists() else REPO / "data" / "sample" / "conversations.csv"
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    import yaml
+    raw = yaml.safe_load(params.read_text())
+    raw["evaluate"].update(SMALL)
+    params.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "cli.json"
+    cli(["evaluate", "--data", str(data), "--split", "test", "--policies", "base,sft", "--n", "4",
+         "--out", str(out), "--params", str(params), "--base", str(tiny_model_dir), "--sft", str(sft_adapter)])
+    result = json.loads(out.read_text())
+    assert result["n_prompts"] == 4 and result["config"]["policies"] == ["base", "sft"]
+    assert out.with_suffix(".md").exists() and "| persona_gain |" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["evaluate", "--data", str(tmp_path / "missing"), "--params", str(REPO / "params.yaml")])
+    assert exit_info.value.code == 2 and "error: --data" in capsys.readouterr().err
