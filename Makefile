@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m persona.bench sft
+	$(PY) -m persona.bench generate
 
 clean:
 	rm -rf $(VENV)

@@ -1,10 +1,13 @@
 """Benchmarks that print figures measured in one run, as ratios against a baseline.
 
     python -m persona.bench sft [--steps 6] [--batch-size 4] [--model models/base]
+    python -m persona.bench generate [--prompts 32] [--batch-size 8] [--model models/base]
 
 `sft`: LoRA training throughput of the whole-conversation layout against the per-turn
 layout on the same dialogues: tokens/s (compute speed) and responses trained/s (what the
 layout buys: the per-turn layout re-encodes the whole history for every reply).
+`generate`: the evaluator's batched, KV-cached generation against one prompt at a time,
+same prompts, same greedy decoding (so both produce the same replies).
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import torch
 
 from persona.config import load_params
 from persona.data import load_dialogues, read_dialogues
+from persona.evaluate import select_prompts
+from persona.generation import Decoding, generate_replies
 from persona.models import load_causal_lm, lora_config, resolve_compute
 from persona.likelihood import collate, masked_nll
 from persona.sft import build_dataset
@@ -71,18 +76,46 @@ def bench_sft(model_path: Path, steps: int, batch_size: int) -> None:
           f"responses/s x{whole['responses_per_s'] / base['responses_per_s']:.2f}")
 
 
+def bench_generate(model_path: Path, prompts: int, batch_size: int) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dialogues = load_dialogues("sample", "", "skip")[0]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    chats = [p.chat() for p in select_prompts(dialogues, prompts, 6, seed=0)]
+    results = {}
+    for label, size in (("one-by-one", 1), (f"batched x{batch_size}", batch_size)):
+        decoding = Decoding(max_new_tokens=32, temperature=0, batch_size=size)
+        started = time.perf_counter()
+        replies = generate_replies(model, tokenizer, chats, decoding)
+        seconds = time.perf_counter() - started
+        tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies)
+        results[label] = (tokens / seconds, len(chats) / seconds, replies)
+    print(f"Generation, {model_path}, {len(chats)} prompts, greedy, 32 new tokens max, cpu")
+    print(f"{'mode':<14}{'tokens/s':>10}{'replies/s':>11}")
+    for label, (tokens_per_s, replies_per_s, _) in results.items():
+        print(f"{label:<14}{tokens_per_s:>10.1f}{replies_per_s:>11.2f}")
+    (one, _, one_replies), (batched, _, batched_replies) = results.values()
+    same = sum(a == b for a, b in zip(one_replies, batched_replies))
+    print(f"batched / one-by-one: tokens/s x{batched / one:.2f}; identical replies {same}/{len(chats)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m persona.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["sft"])
+    parser.add_argument("which", choices=["sft", "generate"])
     parser.add_argument("--model", type=Path, default=Path("models/base"), help="a saved base model (base stage)")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6, help="sft: timed training steps per layout")
+    parser.add_argument("--prompts", type=int, default=32, help="generate: prompts")
+    parser.add_argument("--batch-size", type=int, help="default: 4 for sft, 8 for generate")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if not (args.model / "config.json").exists():
         parser.error(f"--model {args.model}: no saved model there; run `dvc repro base` first")
-    bench_sft(args.model, args.steps, args.batch_size)
+    if args.which == "sft":
+        bench_sft(args.model, args.steps, args.batch_size or 4)
+    else:
+        bench_generate(args.model, args.prompts, args.batch_size or 8)
 
 
 if __name__ == "__main__":

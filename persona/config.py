@@ -6,7 +6,6 @@ fails in a second with the offending key named, not twenty minutes into a run.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import typing
 from dataclasses import dataclass, field

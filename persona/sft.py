@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
 from persona.chat_format import dialogue_examples
@@ -144,6 +143,8 @@ def train_sft(params: Params, prepared: Path, base_path: Path, out_dir: Path, ch
                          eval_dataset=eval_set.remove_columns("responses"), processing_class=tokenizer,
                          callbacks=[LiveCurves(live), *callbacks])
     result = trainer.train(resume_from_checkpoint=resume)
+    for finished in checkpoint_dir.glob("checkpoint-*"):  # they exist to resume a killed run, not a done one
+        shutil.rmtree(finished)
     sft_nll, _ = completion_nll(model, eval_set, tokenizer.pad_token_id, cfg.batch_size)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -171,3 +171,20 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli(["evaluate", "--data", str(tmp_path / "missing"), "--params", str(REPO / "params.yaml")])
     assert exit_info.value.code == 2 and "error: --data" in capsys.readouterr().err
+
+
+def test_a_reply_repeating_a_fact_ranks_its_persona_first_and_parrots():
+    """The real bundled MiniLM judge: reciting a fact identifies the persona (and is flagged as parroting)."""
+    from persona.judges import Embedder
+    from persona.evaluate import grounding
+    from persona.metrics import parrots
+    personas = [["I have two beagles.", "I work night shifts as a nurse."],
+                ["I collect vintage stamps.", "I live in Lisbon."],
+                ["I am training for a marathon.", "I hate spicy food."],
+                ["I play the cello in an orchestra.", "My sister is a pilot."]]
+    reply, embedder = "I work night shifts as a nurse.", Embedder("all-minilm-l6-v2")
+    for true_index in range(4):  # the true persona goes first in the candidate list
+        order = [personas[true_index]] + [p for i, p in enumerate(personas) if i != true_index]
+        scores = grounding(embedder, [reply], [order])
+        assert scores["top1"] == [float(true_index == 0)]
+    assert parrots(reply, personas[0]) and not parrots("Long shifts at the hospital, yes.", personas[0])

@@ -15,6 +15,9 @@ from tests.conftest import REPO
 
 TINY = {"max_steps": 2, "batch_size": 2, "save_steps": 1, "eval_steps": 1, "logging_steps": 1,
         "max_eval_sequences": 4}
+TINY_EVAL = {"n": 4, "likelihood_n": 2, "persona_candidates": 3, "grounding_candidates": 4, "hits_n": 2,
+             "reply_candidates": 4, "multiturn_n": 2, "multiturn_turns": 2, "perplexity_sequences": 2,
+             "max_new_tokens": 4, "bootstrap": 50}
 
 
 def sh(*args: str, cwd: Path) -> str:
@@ -44,7 +47,7 @@ def project(tmp_path_factory, tiny_model_dir) -> Path:
         else:
             shutil.copy(source, target)
     set_params(root, model={"name": str(tiny_model_dir), "max_length": 256}, data={"fraction": 0.5},
-               sft=TINY)
+               sft=TINY, evaluate=TINY_EVAL)
     sh("git", "init", "-q", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny", cwd=root)
@@ -60,6 +63,9 @@ def test_repro_builds_every_output(project):
     assert data["train_dialogues"] > 0 and data["test_dialogues"] > 0
     assert sft["steps"] == 2 and sft["eval_perplexity"] > 0
     assert list((project / "dvclive" / "sft" / "plots" / "metrics").rglob("*.tsv"))
+    evaluation = json.loads((project / "metrics" / "eval.json").read_text())
+    assert evaluation["n_prompts"] == 4 and {"base", "sft", "gold"} <= set(evaluation)
+    assert (project / "metrics" / "report.md").exists() and (project / "metrics" / "eval.png").exists()
 
 
 def test_second_repro_is_a_no_op(project):
@@ -67,14 +73,14 @@ def test_second_repro_is_a_no_op(project):
     assert "Running stage" not in out
 
 
-def test_sft_param_change_reruns_only_sft_and_shows_in_metrics_diff(project):
+def test_sft_param_change_reruns_only_sft_and_what_follows(project):
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=project)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "outputs", cwd=project)
     set_params(project, sft={"lr": 1e-2})
     status = sh("dvc", "status", "--json", cwd=project)
     assert set(json.loads(status[status.index("{"):])) == {"sft"}
     out = sh("dvc", "repro", cwd=project)
-    assert "Running stage 'sft'" in out
+    assert "Running stage 'sft'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'prepare'" not in out and "Running stage 'base'" not in out
     diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=project))
     assert "eval_nll" in diff["metrics/sft.json"]

@@ -41,6 +41,7 @@ def test_sft_trains_and_reports(prepared, tiny_model_dir, tmp_path):
     assert metrics["eval_nll"] < metrics["base_eval_nll"]  # lr 5e-3 on a random model: learns fast
     assert 0 < metrics["trainable_pct"] < 100 and metrics["tokens_per_s"] > 0
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert not list((tmp_path / "ckpt").glob("checkpoint-*"))  # a finished run leaves nothing to resume
     assert (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").exists()
 
 
