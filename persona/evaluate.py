@@ -31,7 +31,7 @@ from persona.config import ConfigError, EvaluateConfig
 from persona.data import Dialogue, persona_key
 from persona.generation import Decoding, generate_replies
 from persona.judges import Embedder, load_nli
-from persona.likelihood import completion_nll, reply_logprobs
+from persona.likelihood import candidate_logprobs, completion_nll, reply_logprobs
 from persona.sft import build_dataset
 
 log = logging.getLogger(__name__)
@@ -163,10 +163,8 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig
     per["persona_gain"] = [M.persona_likelihood_gain(row[0], row[1:]) for row in logps]
     per["persona_hits1"] = [float(M.rank_of_true(row, 0) == 1) for row in logps]
     # ConvAI2 Hits@1/20: the gold reply against replies from other conversations.
-    hit_prompts = prompts[:cfg.hits_n]
-    chats = [p.chat(reply=c) for p, cands in zip(hit_prompts, context["reply_candidates"]) for c in cands]
-    logps = np.array(reply_logprobs(model, tokenizer, chats, cfg.batch_size)).reshape(len(hit_prompts), -1)
-    per["reply_hits1"] = [float(M.rank_of_true(row, 0) == 1) for row in logps]
+    per["reply_hits1"] = [float(M.rank_of_true(candidate_logprobs(model, tokenizer, p.chat(), cands, cfg.batch_size), 0)
+                                == 1) for p, cands in zip(prompts, context["reply_candidates"])]
 
     nll, tokens = completion_nll(model, context["perplexity_set"], tokenizer.pad_token_id, cfg.batch_size)
     out = {"gold_perplexity": round(math.exp(nll), 3), "gold_perplexity_tokens": tokens,
@@ -199,8 +197,9 @@ def multiturn(model, tokenizer, cfg: EvaluateConfig, context: dict) -> dict:
     fades over the conversation shows as a falling curve.
     """
     dialogues = context["multiturn_dialogues"]
-    histories = [[d.turns[0]] for d in dialogues]
-    partner_turns = [[t for t in d.turns if t[0] == 0][1:] for d in dialogues]
+    partner_turns = [[t for t in d.turns if t[0] == 0] for d in dialogues]
+    histories = [turns[:1] for turns in partner_turns]
+    partner_turns = [turns[1:] for turns in partner_turns]
     decoding = Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, context["seed"] + 1)
     out, replies_so_far = {}, [[] for _ in dialogues]
     contradictions = []

@@ -188,3 +188,15 @@ def test_a_reply_repeating_a_fact_ranks_its_persona_first_and_parrots():
         scores = grounding(embedder, [reply], [order])
         assert scores["top1"] == [float(true_index == 0)]
     assert parrots(reply, personas[0]) and not parrots("Long shifts at the hospital, yes.", personas[0])
+
+
+def test_candidate_scoring_with_a_shared_prompt_cache_matches_full_scoring(tiny_model_dir, test_dialogues, tokenizer,
+                                                                          monkeypatch):
+    from persona import likelihood
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompt = select_prompts(test_dialogues, 1, 4, seed=0)[0]
+    candidates = [prompt.gold, "Yes.", "I have never been to Lisbon, but I would love to go someday!", "ok"]
+    full = reply_logprobs(model, tokenizer, [prompt.chat(reply=c) for c in candidates])
+    monkeypatch.setattr(likelihood, "reply_logprobs", None)  # the cached path must not fall back
+    shared = likelihood.candidate_logprobs(model, tokenizer, prompt.chat(), candidates, batch_size=3)
+    assert shared == pytest.approx(full, abs=1e-4)
