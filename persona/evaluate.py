@@ -141,6 +141,7 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig
     started = time.perf_counter()
     replies = generate_replies(model, tokenizer, [p.chat() for p in prompts], decoding)
     gen_seconds = time.perf_counter() - started
+    timings = {"time_generate_s": gen_seconds}
     new_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies)
     golds = [p.gold for p in prompts]
     ground = grounding(context["embedder"], replies, context["grounding_candidates"])
@@ -157,16 +158,20 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig
         "length_words": [float(len(r.split())) for r in replies],
     }
     # Sampling-free persona use: the policy's likelihood of the gold reply under each persona.
+    mark = time.perf_counter()
     gain_prompts = prompts[:cfg.likelihood_n]
     chats = [p.chat(facts, p.gold) for p, cands in zip(gain_prompts, context["persona_candidates"]) for facts in cands]
     logps = np.array(reply_logprobs(model, tokenizer, chats, cfg.batch_size)).reshape(len(gain_prompts), -1)
     per["persona_gain"] = [M.persona_likelihood_gain(row[0], row[1:]) for row in logps]
     per["persona_hits1"] = [float(M.rank_of_true(row, 0) == 1) for row in logps]
+    timings["time_persona_likelihood_s"], mark = time.perf_counter() - mark, time.perf_counter()
     # ConvAI2 Hits@1/20: the gold reply against replies from other conversations.
-    per["reply_hits1"] = [float(M.rank_of_true(candidate_logprobs(model, tokenizer, p.chat(), cands, cfg.batch_size), 0)
-                                == 1) for p, cands in zip(prompts, context["reply_candidates"])]
-
+    hit_scores = [candidate_logprobs(model, tokenizer, p.chat(), cands, cfg.batch_size)
+                  for p, cands in zip(prompts, context["reply_candidates"])]
+    per["reply_hits1"] = [float(M.rank_of_true(row, 0) == 1) for row in hit_scores]
+    timings["time_reply_hits_s"], mark = time.perf_counter() - mark, time.perf_counter()
     nll, tokens = completion_nll(model, context["perplexity_set"], tokenizer.pad_token_id, cfg.batch_size)
+    timings["time_perplexity_s"], mark = time.perf_counter() - mark, time.perf_counter()
     out = {"gold_perplexity": round(math.exp(nll), 3), "gold_perplexity_tokens": tokens,
            "bleu": round(M.bleu(replies, golds), 3), "distinct_1": round(M.distinct_n(replies, 1), 4),
            "distinct_2": round(M.distinct_n(replies, 2), 4),
@@ -185,6 +190,8 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig
         out["nli_c_score"] = out["nli_contradiction_rate"] = None
     out["reward_score"] = None  # the reward stage does not exist yet; see `unavailable`
     out.update(multiturn(model, tokenizer, cfg, context))
+    timings["time_multiturn_s"] = time.perf_counter() - mark
+    out.update({key: round(value, 1) for key, value in timings.items()})
     records = [{"reply": r, "grounding_top1": g, "f1": round(f, 4), "parrots": bool(pr)}
                for r, g, f, pr in zip(replies, ground["top1"], per["f1"], per["parroting_rate"])]
     return out, records

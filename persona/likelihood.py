@@ -89,7 +89,7 @@ def candidate_logprobs(model, tokenizer, chat: list[dict], candidates: list[str]
         model.train(was_training)
         return reply_logprobs(model, tokenizer, [chat + [{"role": "assistant", "content": c}] for c in candidates],
                               batch_size)
-    cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+    cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).cache
     scores = []
     for first in range(0, len(encoded), batch_size):
         rows = [{"input_ids": e.input_ids[start:], "completion_mask": e.completion_mask[start:]}
@@ -98,7 +98,7 @@ def candidate_logprobs(model, tokenizer, chat: list[dict], candidates: list[str]
         batch_cache = copy.deepcopy(cache)
         batch_cache.batch_repeat_interleave(len(rows))
         full_attention = torch.cat([torch.ones(len(rows), start, dtype=attention.dtype, device=device), attention], 1)
-        logits = model(input_ids=ids, attention_mask=full_attention, past_key_values=batch_cache).logits[:, :-1]
+        logits = model(input_ids=ids, attention_mask=full_attention, cache=batch_cache).logits[:, :-1]
         nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
         target = mask[:, 1:].to(nll.dtype)
         scores += (-(nll * target).sum(1) / target.sum(1).clamp(min=1)).tolist()
