@@ -40,7 +40,7 @@ class Embedder:
         if missing:
             vectors = self.model.encode(missing, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
             self.cache.update(zip(missing, vectors))
-        return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, 1))
+        return np.stack([self.cache[t] for t in texts])
 
     def fact_similarity(self, reply: str, personas: list[list[str]]) -> list[float]:
         """For each persona, the highest cosine similarity between the reply and one of its facts."""

@@ -5,6 +5,8 @@ benchmarks, so every figure uses the same masking as training.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from persona.chat_format import encode_messages
@@ -77,8 +79,6 @@ def candidate_logprobs(model, tokenizer, chat: list[dict], candidates: list[str]
     The prompt's KV cache is computed once and copied per batch, so ranking 20 candidates
     costs about one prompt plus 20 short replies instead of 20 full sequences.
     """
-    import copy
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

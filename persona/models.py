@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from persona.chat_format import ensure_chat_template
-from persona.config import BUNDLED_MODELS, ConfigError
+from persona.config import BUNDLED_MODELS, ConfigError, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _load_pretrained(name: str, base_dir: Path, trust_remote_code: bool):
         kwargs = {"gguf_file": filename}
         source, description = str(folder), f"{name} (GGUF {filename} from {folder.name})"
     else:
-        local = (base_dir / name).expanduser()
+        local = resolve_path(base_dir, name)  # the same rule config validation applied
         source = str(local) if local.is_dir() else name
         kwargs, description = {}, (f"local directory {local}" if local.is_dir() else f"hub model {name}")
     try:
