@@ -37,7 +37,8 @@ def evaluate_command(args) -> None:
     cfg.validate()
     dialogues = dialogues_for(args.data, args.split, params)
     adapters = {"sft": args.sft, "ppo": args.ppo}
-    result, samples = evaluate(dialogues, cfg, args.base, adapters, params.model.max_length, params.seed)
+    reward = Path(args.reward) if args.reward else None
+    result, samples = evaluate(dialogues, cfg, args.base, adapters, params.model.max_length, params.seed, reward)
     out = args.out
     write_outputs(result, samples, out, out.with_suffix(".samples.jsonl"), out.with_suffix(".md"))
     print(out.with_suffix(".md").read_text())
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--base", type=Path, default=Path("models/base"))
     ev.add_argument("--sft", type=Path, default=Path("models/sft"), help="SFT adapter folder")
     ev.add_argument("--ppo", type=Path, default=Path("models/ppo"), help="PPO adapter folder")
+    ev.add_argument("--reward", default="",
+                    help="reward model folder (models/reward) to score replies; must match --base")
     args = parser.parse_args(argv)
     try:
         evaluate_command(args)

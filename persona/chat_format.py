@@ -9,6 +9,7 @@ template whose rendering of a prefix of the messages is a prefix of the full ren
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from persona.data import Dialogue
@@ -47,6 +48,28 @@ def messages_for(facts: list[str], turns: list[tuple[int, str]], speaker: int) -
     messages = [{"role": "system", "content": persona_prompt(facts)}]
     messages += [{"role": "assistant" if who == speaker else "user", "content": text} for who, text in turns]
     return messages
+
+
+@dataclass
+class Prompt:
+    """One evaluation item: a speaker's persona, the dialogue so far, and the gold next reply."""
+    dialogue: str
+    speaker: int
+    facts: list[str]
+    history: list[tuple[int, str]]
+    gold: str
+
+    def chat(self, facts: list[str] | None = None, reply: str | None = None) -> list[dict]:
+        turns = self.history + ([(self.speaker, reply)] if reply is not None else [])
+        return messages_for(self.facts if facts is None else facts, turns, self.speaker)
+
+
+def select_prompts(dialogues: list[Dialogue], n: int, max_history: int, seed: int) -> list[Prompt]:
+    """n seeded (dialogue, speaker, turn) items with at least one earlier turn as history."""
+    items = [(d, i) for d in dialogues for i in range(1, len(d.turns))]
+    chosen = random.Random(seed).sample(items, min(n, len(items)))
+    return [Prompt(d.id, d.turns[i][0], d.personas[d.turns[i][0]], d.turns[max(0, i - max_history):i], d.turns[i][1])
+            for d, i in chosen]
 
 
 @dataclass

@@ -116,17 +116,116 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
+class PairShares:
+    """Share of preference pairs made by each strategy (they must sum to 1)."""
+    swap: float = 0.45  # rejected = SFT sample under another persona (the main strategy)
+    mismatch: float = 0.3  # the same reply, under another persona in the rejected side
+    contradiction: float = 0.15  # rejected states the opposite of one persona fact
+    generic: float = 0.1  # rejected = a bland or off-topic reply
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    train_n: int = 320  # prompts (persona + history) from the train split, one pair each
+    valid_n: int = 80  # held-out pairs from the valid split (the reward model's test)
+    shares: PairShares = field(default_factory=PairShares)
+    chosen: Literal["gold", "sample"] = "gold"  # gold SPC turn, or an SFT sample under the true persona
+    swap_candidates: int = 2  # samples under the other persona; the one closest in length to chosen is kept
+    max_history_turns: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 0.7
+    top_p: float = 0.9
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        for key in ("train_n", "valid_n", "swap_candidates", "max_history_turns", "max_new_tokens", "batch_size"):
+            _check(getattr(self, key) > 0, f"pairs.{key}", "must be > 0")
+        shares = dataclasses.asdict(self.shares)
+        for name, share in shares.items():
+            _check(0 <= share <= 1, f"pairs.shares.{name}", "must be in [0, 1]")
+        _check(abs(sum(shares.values()) - 1) < 1e-6, "pairs.shares", f"must sum to 1, not {sum(shares.values()):g}")
+        _check(self.temperature > 0, "pairs.temperature", "must be > 0 (pairs need sampled replies)")
+        _check(0 < self.top_p <= 1, "pairs.top_p", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RewardConfig(TrainConfig):
+    center_rewards: float = 0.01  # coefficient of the mean-squared-reward penalty that keeps scores near 0; 0 = off
+    lora_top_layers: int = 0  # LoRA on the top N transformer layers only (backward stops there); 0 = all layers
+    score_batch_size: int = 16  # batch for scoring held-out pairs and for `RewardModel.score`
+
+    def validate(self, section: str) -> None:
+        super().validate(section)
+        _check(self.center_rewards >= 0, f"{section}.center_rewards", "must be >= 0")
+        _check(self.lora_top_layers >= 0, f"{section}.lora_top_layers", "must be >= 0")
+        _check(self.score_batch_size > 0, f"{section}.score_batch_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Our PPO loop (persona/ppo); every knob of the algorithm is here, none in the code."""
+    quant: Quant = "auto"
+    precision: Precision = "auto"
+    reference: Literal["sft", "base"] = "sft"  # KL anchor: a frozen copy of the SFT adapter, or adapters disabled
+    max_steps: int = 12  # PPO iterations (rollout + update)
+    rollout_batch_size: int = 8  # episodes per process per step
+    turns: int = 1  # policy turns per episode (2-4: multi-turn, SPC partner turns in between)
+    max_history_turns: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 0.8  # sampling temperature; log-probs are taken at the same temperature
+    top_p: float = 1.0  # < 1 makes the sampler differ from the policy being optimised
+    minibatch_size: int = 4
+    ppo_epochs: int = 2
+    lr: float = 2e-4
+    max_grad_norm: float = 1.0
+    clip_range: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_coef: float = 0.05
+    kl_target: float = 6.0  # sequence KL (nats) for the adaptive controller; 0 = fixed coefficient
+    kl_horizon: int = 10000
+    kl_stop: float = 20.0  # stop training when the mean sequence KL exceeds this (a run going off the rails)
+    kl_negative_tolerance: float = 2.0  # skip an update when the k1 sequence KL is below minus this
+    normalize_reward: bool = True  # (score - mean) / std with the reward stage's held-out statistics
+    missing_eos_penalty: float = -1.0  # added to the (normalised) reward of replies cut at max_new_tokens
+    save_steps: int = 4
+    gradient_checkpointing: bool = False
+    eval_n: int = 32  # held-out (valid) prompts: SFT vs PPO mean reward
+    batch_size: int = 8  # generation / scoring batch
+
+    def validate(self) -> None:
+        for key in ("max_steps", "rollout_batch_size", "max_new_tokens", "minibatch_size", "ppo_epochs",
+                    "kl_horizon", "save_steps", "eval_n", "batch_size", "max_history_turns"):
+            _check(getattr(self, key) > 0, f"ppo.{key}", "must be > 0")
+        _check(1 <= self.turns <= 4, "ppo.turns", "must be 1 (single reply) to 4")
+        _check(self.rollout_batch_size * self.turns % self.minibatch_size == 0, "ppo.minibatch_size",
+               "must divide rollout_batch_size * turns")
+        for key in ("lr", "max_grad_norm", "clip_range", "value_clip", "temperature", "kl_stop"):
+            _check(getattr(self, key) > 0, f"ppo.{key}", "must be > 0")
+        for key in ("gamma", "lam", "top_p"):
+            _check(0 < getattr(self, key) <= 1, f"ppo.{key}", "must be in (0, 1]")
+        for key in ("vf_coef", "entropy_coef", "kl_coef", "kl_target", "kl_negative_tolerance"):
+            _check(getattr(self, key) >= 0, f"ppo.{key}", "must be >= 0")
+        _check(self.missing_eos_penalty <= 0, "ppo.missing_eos_penalty", "must be <= 0")
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """Held-out evaluation; each `*_n` bounds one family of metrics so CPU runs stay short."""
     split: Literal["test", "valid"] = "test"
-    policies: list[str] = field(default_factory=lambda: ["base", "sft"])
-    n: int = 48  # prompts (persona, history, gold reply) for generation metrics
-    likelihood_n: int = 24  # prompts for persona likelihood gain and persona Hits@1/K
+    policies: list[str] = field(default_factory=lambda: ["base", "sft", "ppo"])
+    n: int = 32  # prompts (persona, history, gold reply) for generation metrics
+    likelihood_n: int = 16  # prompts for persona likelihood gain and persona Hits@1/K
     persona_candidates: int = 5  # K for persona Hits@1/K (policy likelihood)
     grounding_candidates: int = 10  # K for embedding persona identification
     hits_n: int = 8  # prompts for reply Hits@1/`reply_candidates`
     reply_candidates: int = 20
-    multiturn_n: int = 8  # conversations for multi-turn consistency
+    multiturn_n: int = 6  # conversations for multi-turn consistency
     multiturn_turns: int = 5
     perplexity_sequences: int = 16  # whole-conversation sequences for gold-reply perplexity
     max_history_turns: int = 6
@@ -161,6 +260,9 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def validate(self, base_dir: Path) -> None:
@@ -168,6 +270,9 @@ class Params:
         self.model.validate(base_dir)
         self.lora.validate()
         self.sft.validate("sft")
+        self.pairs.validate()
+        self.reward.validate("reward")
+        self.ppo.validate()
         self.evaluate.validate()
 
 

@@ -17,8 +17,7 @@ import logging
 import math
 import random
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,40 +25,20 @@ import torch
 from tqdm import tqdm
 
 from persona import metrics as M
-from persona.chat_format import messages_for
+from persona.chat_format import Prompt, messages_for, select_prompts
 from persona.config import ConfigError, EvaluateConfig
 from persona.data import Dialogue, persona_key
 from persona.generation import Decoding, generate_replies
 from persona.judges import Embedder, load_nli
 from persona.likelihood import candidate_logprobs, completion_nll, reply_logprobs
+from persona.models import load_policies, policy
+from persona.reward import RewardModel
 from persona.sft import build_dataset
 
 log = logging.getLogger(__name__)
 POLICY_ADAPTERS = {"sft": Path("models/sft"), "ppo": Path("models/ppo")}
 HEADLINE = ("persona_gain", "persona_hits1", "grounding_top1", "grounding_top1_relevant", "parroting_rate",
-            "f1", "keyword_score_original")
-
-
-@dataclass
-class Prompt:
-    """One evaluation item: a speaker's persona, the dialogue so far, and the gold next reply."""
-    dialogue: str
-    speaker: int
-    facts: list[str]
-    history: list[tuple[int, str]]
-    gold: str
-
-    def chat(self, facts: list[str] | None = None, reply: str | None = None) -> list[dict]:
-        turns = self.history + ([(self.speaker, reply)] if reply is not None else [])
-        return messages_for(self.facts if facts is None else facts, turns, self.speaker)
-
-
-def select_prompts(dialogues: list[Dialogue], n: int, max_history: int, seed: int) -> list[Prompt]:
-    """n seeded (dialogue, speaker, turn) items with at least one earlier turn as history."""
-    items = [(d, i) for d in dialogues for i in range(1, len(d.turns))]
-    chosen = random.Random(seed).sample(items, min(n, len(items)))
-    return [Prompt(d.id, d.turns[i][0], d.personas[d.turns[i][0]], d.turns[max(0, i - max_history):i], d.turns[i][1])
-            for d, i in chosen]
+            "f1", "keyword_score_original", "reward_score")
 
 
 def distractor_personas(prompt: Prompt, pool: dict[str, list[str]], k: int, rng: random.Random) -> list[list[str]]:
@@ -69,37 +48,6 @@ def distractor_personas(prompt: Prompt, pool: dict[str, list[str]], k: int, rng:
     if len(others) < k - 1:
         raise ConfigError(f"evaluate: {k} persona candidates asked for, only {len(others) + 1} personas in the split")
     return [prompt.facts] + rng.sample(others, k - 1)
-
-
-@contextmanager
-def policy(model, name: str):
-    """Make `name` the active policy: base = adapters disabled, else that adapter."""
-    if name == "base":
-        if hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                yield model
-        else:
-            yield model
-    else:
-        model.set_adapter(name)
-        yield model
-
-
-def load_policies(base_path: Path, adapters: dict[str, Path]):
-    """One base model with every adapter attached by name: no second copy of the weights."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    for name, path in adapters.items():
-        if not (path / "adapter_config.json").exists():
-            raise ConfigError(f"evaluate.policies: {name!r} needs an adapter at {path}; run its stage first")
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(path), adapter_name=name)
-        else:
-            model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
-    return model.eval(), tokenizer
 
 
 def headline(key: str, values: list[float], seed: int, resamples: int) -> dict:
@@ -157,6 +105,8 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig
         "question_rate": [float(M.is_question(r)) for r in replies],
         "length_words": [float(len(r.split())) for r in replies],
     }
+    if context["reward"] is not None:
+        per["reward_score"] = context["reward"].score_chats([p.chat(reply=r) for p, r in zip(prompts, replies)])
     # Sampling-free persona use: the policy's likelihood of the gold reply under each persona.
     mark = time.perf_counter()
     gain_prompts = prompts[:cfg.likelihood_n]
@@ -188,7 +138,7 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig
         out["nli_contradiction_rate"] = round(float(np.mean(contradictions)), 4)
     else:
         out["nli_c_score"] = out["nli_contradiction_rate"] = None
-    out["reward_score"] = None  # the reward stage does not exist yet; see `unavailable`
+    out.setdefault("reward_score", None)
     out.update(multiturn(model, tokenizer, cfg, context))
     timings["time_multiturn_s"] = time.perf_counter() - mark
     out.update({key: round(value, 1) for key, value in timings.items()})
@@ -231,7 +181,8 @@ def multiturn(model, tokenizer, cfg: EvaluateConfig, context: dict) -> dict:
     return out
 
 
-def build_context(dialogues: list[Dialogue], tokenizer, cfg: EvaluateConfig, max_length: int, seed: int) -> dict:
+def build_context(dialogues: list[Dialogue], tokenizer, cfg: EvaluateConfig, max_length: int, seed: int,
+                  reward: RewardModel | None = None) -> dict:
     """Everything shared by all policies: prompts, candidates, judges; drawn once so policies compare."""
     rng = random.Random(seed)
     prompts = select_prompts(dialogues, cfg.n, cfg.max_history_turns, seed)
@@ -257,7 +208,7 @@ def build_context(dialogues: list[Dialogue], tokenizer, cfg: EvaluateConfig, max
         "reply_candidates": reply_candidates, "gold_grounding": gold_ground,
         "relevant": [s >= cfg.relevance_threshold for s in gold_ground["fact_sim"]],
         "perplexity_set": build_dataset(dialogues, tokenizer, "conversation", max_length, cfg.perplexity_sequences),
-        "multiturn_dialogues": multiturn_dialogues, "multiturn_candidates": multiturn_candidates,
+        "multiturn_dialogues": multiturn_dialogues, "multiturn_candidates": multiturn_candidates, "reward": reward,
     }
 
 
@@ -274,16 +225,25 @@ def gold_block(context: dict, cfg: EvaluateConfig) -> dict:
     out["max_fact_similarity"] = round(float(np.mean(ground["fact_sim"])), 4)
     out["question_rate"] = round(float(np.mean([M.is_question(p.gold) for p in prompts])), 4)
     out["length_words"] = round(float(np.mean([len(p.gold.split()) for p in prompts])), 4)
+    if context["reward"] is not None:
+        out.update(headline("reward_score", context["reward"].score_chats([p.chat(reply=p.gold) for p in prompts]),
+                            context["seed"], cfg.bootstrap))
     return out
 
 
 def evaluate(dialogues: list[Dialogue], cfg: EvaluateConfig, base_path: Path, adapters: dict[str, Path],
-             max_length: int, seed: int) -> tuple[dict, list[dict]]:
-    """Evaluate `cfg.policies`; returns (eval.json content, per-prompt sample records)."""
+             max_length: int, seed: int, reward_path: Path | None = None) -> tuple[dict, list[dict]]:
+    """Evaluate `cfg.policies`; returns (eval.json content, per-prompt sample records).
+
+    With `reward_path`, replies also get the reward model's score: what PPO optimised, so a
+    check that it transferred to held-out personas, not an independent judge.
+    """
     started = time.perf_counter()
     torch.manual_seed(seed)
     model, tokenizer = load_policies(base_path, {n: adapters[n] for n in cfg.policies if n != "base"})
-    context = build_context(dialogues, tokenizer, cfg, max_length, seed)
+    reward = RewardModel.load(base_path, reward_path, max_length=max_length, batch_size=cfg.batch_size) \
+        if reward_path is not None else None
+    context = build_context(dialogues, tokenizer, cfg, max_length, seed, reward)
     prompts = context["prompts"]
     result = {"n_prompts": len(prompts), "n_dialogues": len(dialogues), "gold": gold_block(context, cfg)}
     samples = [{"dialogue": p.dialogue, "persona": p.facts, "history": p.history, "gold": p.gold,
@@ -295,7 +255,7 @@ def evaluate(dialogues: list[Dialogue], cfg: EvaluateConfig, base_path: Path, ad
             sample[name] = record
         log.info("%s: %s", name, {k: result[name][k] for k in HEADLINE})
     result["unavailable"] = {
-        "reward_score": "no reward model yet (the `reward` stage is not built); not an independent judge anyway",
+        **({"reward_score": "no reward model given (evaluate ... --reward models/reward)"} if reward is None else {}),
         **({"nli": context["nli_reason"]} if context["nli"] is None else {})}
     result["config"] = asdict(cfg)
     result["wall_s"] = round(time.perf_counter() - started, 1)

@@ -23,16 +23,28 @@ class Decoding:
     seed: int = 0
 
 
-@torch.no_grad()
+@dataclass
+class Reply:
+    text: str
+    token_ids: list[int]  # generated tokens, end-of-turn included, padding excluded
+    finished: bool  # ended with end-of-turn rather than at max_new_tokens
+
+
 def generate_replies(model, tokenizer, chats: list[list[dict]], decoding: Decoding) -> list[str]:
-    """The next assistant reply for each chat (messages ending with the partner's turn)."""
+    """The next assistant reply text for each chat (messages ending with the partner's turn)."""
+    return [reply.text for reply in generate(model, tokenizer, chats, decoding)]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, chats: list[list[dict]], decoding: Decoding) -> list[Reply]:
+    """The next assistant reply for each chat, with its tokens and whether it ended on its own."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     texts = [render(tokenizer, chat, add_generation_prompt=True) for chat in chats]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(len(chats)), key=lambda i: len(encoded[i]))
-    replies = [""] * len(chats)
+    replies: list[Reply] = [None] * len(chats)
     for start in range(0, len(order), decoding.batch_size):
         chunk = order[start:start + decoding.batch_size]
         width = max(len(encoded[i]) for i in chunk)
@@ -48,6 +60,9 @@ def generate_replies(model, tokenizer, chats: list[list[dict]], decoding: Decodi
                                 max_new_tokens=decoding.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
         for row, i in enumerate(chunk):
-            replies[i] = tokenizer.decode(output[row, width:], skip_special_tokens=True).strip()
+            tokens = output[row, width:].tolist()
+            finished = tokenizer.eos_token_id in tokens
+            tokens = tokens[:tokens.index(tokenizer.eos_token_id) + 1] if finished else tokens
+            replies[i] = Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, finished)
     model.train(was_training)
     return replies

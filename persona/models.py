@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,11 +122,16 @@ def resolve_compute(quant: str, precision: str, section: str, cuda: bool | None 
     return Compute("cuda" if cuda else "cpu", quant, precision, optimizer)
 
 
-def load_causal_lm(base_path: Path, compute: Compute, gradient_checkpointing: bool = False):
-    """The saved base model, 4-bit NF4 (QLoRA) or full precision, ready for LoRA training."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+def load_for_training(base_path: Path, compute: Compute, gradient_checkpointing: bool = False,
+                      scalar_head: bool = False):
+    """The saved base model, 4-bit NF4 (QLoRA) or full precision, ready for LoRA training.
 
-    kwargs = {}
+    `scalar_head`: a sequence classifier with one output (a reward model) instead of the LM head.
+    """
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                              BitsAndBytesConfig)
+
+    kwargs = {"num_labels": 1} if scalar_head else {}
     # LoRA weights train in fp32 master copies; fp16/bf16 only enter through autocast.
     dtype = torch.float32 if compute.precision == "fp16" else compute.dtype
     if compute.quant == "nf4":
@@ -133,7 +139,11 @@ def load_causal_lm(base_path: Path, compute: Compute, gradient_checkpointing: bo
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32 if compute.device == "cpu" else compute.dtype)
         kwargs["device_map"] = {"": compute.device if compute.device == "cpu" else torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, **kwargs)
+    auto_class = AutoModelForSequenceClassification if scalar_head else AutoModelForCausalLM
+    model = auto_class.from_pretrained(base_path, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if scalar_head:  # the classifier reads the last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
     if compute.quant == "nf4":
         from peft import prepare_model_for_kbit_training
         if compute.device == "cpu":
@@ -142,7 +152,6 @@ def load_causal_lm(base_path: Path, compute: Compute, gradient_checkpointing: bo
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
     return model, tokenizer
 
 
@@ -156,11 +165,16 @@ def _keep_4bit_weights_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_config(lora, task_type: str = "CAUSAL_LM"):
+def lora_config(lora, task_type: str = "CAUSAL_LM", layers: list[int] | None = None):
+    """peft's LoraConfig from the `lora` params; `layers` restricts LoRA to those transformer layers.
+
+    With task_type SEQ_CLS peft also trains and saves the score head (modules_to_save), so the
+    head survives save/load and merge with the adapter.
+    """
     from peft import LoraConfig
     targets = None if lora.target_modules == "auto" else list(lora.target_modules)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      bias="none", task_type=task_type)
+                      bias="none", task_type=task_type, layers_to_transform=layers)
 
 
 def trainable_parameters(model) -> tuple[int, int]:
@@ -173,3 +187,34 @@ def peak_memory_mb(device: str) -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@contextmanager
+def policy(model, name: str):
+    """Make `name` the active policy: base = adapters disabled, else that adapter."""
+    if name == "base":
+        if hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                yield model
+        else:
+            yield model
+    else:
+        model.set_adapter(name)
+        yield model
+
+
+def load_policies(base_path: Path, adapters: dict[str, Path], param: str = "evaluate.policies"):
+    """One base model with every adapter attached by name: no second copy of the weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    for name, path in adapters.items():
+        if not (path / "adapter_config.json").exists():
+            raise ConfigError(f"{param}: {name!r} needs an adapter at {path}; run its stage first")
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer

@@ -19,7 +19,8 @@ def start(params_path: str = "params.yaml") -> Params:
     """Configure logging and load + validate params before any work starts."""
     sys.excepthook = _report_user_errors
     logging.basicConfig(level=os.environ.get("PERSONA_LOG", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)  # a library may have configured logging on import
     # bitsandbytes warns on import about an optional CPU kernel package it can live without.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     return load_params(params_path)

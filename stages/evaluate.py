@@ -9,7 +9,7 @@ params = stage.start()
 cfg = params.evaluate
 dialogues = read_dialogues(Path("data/prepared") / f"{cfg.split}.jsonl")
 result, samples = evaluate(dialogues, cfg, Path("models/base"), POLICY_ADAPTERS, params.model.max_length,
-                           params.seed)
+                           params.seed, reward_path=Path("models/reward"))
 metrics = Path("metrics")
 write_outputs(result, samples, metrics / "eval.json", metrics / "eval_samples.jsonl", metrics / "report.md",
               metrics / "eval_bars.csv", metrics / "eval.png")

@@ -39,6 +39,22 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def sft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter on the tiny model with non-zero B, so the SFT policy really differs from the base."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+    from persona.models import lora_config
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(params_with().lora))
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.5)
+    folder = tmp_path_factory.mktemp("sft-adapter")
+    model.save_pretrained(folder)
+    return folder
+
+
 def params_with(**sections) -> Params:
     """The repo's params with some fields replaced: params_with(sft={"max_steps": 2})."""
     params = load_params(REPO / "params.yaml")

@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig
 
 from persona.config import ConfigError
 from persona.data import load_dialogues, split_by_persona
-from persona.evaluate import Prompt, evaluate, select_prompts, write_outputs
+from persona.chat_format import Prompt, select_prompts
+from persona.evaluate import evaluate, write_outputs
 from persona.generation import Decoding, generate_replies
 from persona.likelihood import reply_logprobs
 from persona.__main__ import main as cli
 from tests.conftest import REPO, SHARED_SPC, params_with
 
-SMALL = {"n": 6, "likelihood_n": 3, "persona_candidates": 3, "grounding_candidates": 4, "hits_n": 2,
+SMALL = {"policies": ["base", "sft"], "n": 6, "likelihood_n": 3, "persona_candidates": 3, "grounding_candidates": 4, "hits_n": 2,
          "reply_candidates": 4, "multiturn_n": 2, "multiturn_turns": 2, "perplexity_sequences": 2,
          "max_new_tokens": 6, "batch_size": 4, "bootstrap": 50}
 
@@ -27,20 +27,6 @@ SMALL = {"n": 6, "likelihood_n": 3, "persona_candidates": 3, "grounding_candidat
 def test_dialogues():
     dialogues, _ = load_dialogues("sample", "unused", "skip")
     return split_by_persona(dialogues, 0.1, 0.1, seed=42)[0]["test"]
-
-
-@pytest.fixture(scope="module")
-def sft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
-    """A LoRA adapter with non-zero B, so the `sft` policy really differs from `base`."""
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    for name, weight in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(weight, std=0.5)
-    folder = tmp_path_factory.mktemp("sft-adapter")
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

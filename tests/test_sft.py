@@ -72,7 +72,7 @@ def test_checkpoints_of_other_params_are_not_resumed(prepared, tiny_model_dir, t
     run(params_with(sft={**TINY_SFT, "max_steps": 2}), prepared, tiny_model_dir, tmp_path)
     changed = run(params_with(sft={**TINY_SFT, "max_steps": 2, "lr": 1e-3}), prepared, tiny_model_dir, tmp_path)
     assert changed["resumed_from_step"] == 0
-    assert json.loads((tmp_path / "ckpt" / "fingerprint.json").read_text())["sft"]["lr"] == 1e-3
+    assert json.loads((tmp_path / "ckpt" / "fingerprint.json").read_text())["train"]["lr"] == 1e-3
 
 
 def test_qlora_nf4_trains_on_cpu(prepared, tiny_model_dir, tmp_path):

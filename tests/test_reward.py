@@ -1,0 +1,114 @@
+"""Reward model on the tiny random model: training moves it, the head survives save/load, the score API."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from persona.config import ConfigError, PairShares
+from persona.data import load_dialogues, split_by_persona
+from persona.models import lora_config
+from persona.pairs import build_pairs, write_pairs
+from persona.reward import RewardModel, held_out_metrics, reward_chat, train_reward
+from tests.conftest import params_with
+
+TINY_REWARD = {"max_steps": 24, "batch_size": 4, "save_steps": 12, "eval_steps": 12, "logging_steps": 4,
+               "max_eval_sequences": 4, "lr": 3e-2, "lora_top_layers": 1, "score_batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tiny_model_dir, tokenizer, tmp_path_factory) -> Path:
+    dialogues, _ = load_dialogues("sample", "unused", "skip")
+    splits = split_by_persona(dialogues, 0.1, 0.1, seed=42)[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = dataclasses.replace(params_with().pairs, max_new_tokens=6, max_history_turns=2,
+                              shares=PairShares(0.25, 0.25, 0.25, 0.25))
+    folder = tmp_path_factory.mktemp("pairs")
+    for split, n in (("train", 24), ("valid", 12)):
+        write_pairs(build_pairs(splits[split], model, tokenizer, cfg, n, split, seed=1)[0], folder / f"{split}.jsonl")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(pairs_dir, tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reward")
+    params = params_with(reward=TINY_REWARD, model={"max_length": 256})
+    metrics = train_reward(params, pairs_dir, tiny_model_dir, out / "adapter", out / "ckpt", out / "live")
+    return metrics, out
+
+
+def test_reward_trains_and_reports(trained):
+    metrics, out = trained
+    assert metrics["steps"] == 24 and metrics["train_pairs"] == 24 and metrics["n_pairs"] == 12
+    for strategy in ("swap", "mismatch", "contradiction", "generic"):
+        assert metrics[f"n_{strategy}"] == 3 and 0 <= metrics[f"accuracy_{strategy}"] <= 1
+    assert 0 <= metrics["persona_only_accuracy"] <= 1 and metrics["n_length_matched"] > 0
+    assert metrics["score_std"] > 0 and metrics["trainable_params"] > 0
+    assert (out / "adapter" / "reward_info.json").exists()
+    assert list((out / "live" / "plots" / "metrics").rglob("*.tsv"))
+    assert not list((out / "ckpt").glob("checkpoint-*"))
+
+
+def test_training_widens_the_margin_on_training_pairs(trained, pairs_dir, tiny_model_dir, tokenizer):
+    """The loop really optimises: the loaded reward model separates its training pairs better than an untrained one."""
+    from persona.pairs import read_pairs
+    _, out = trained
+    pairs = read_pairs(pairs_dir / "train.jsonl")
+    torch.manual_seed(0)
+    untrained = get_peft_model(_classifier(tiny_model_dir, tokenizer), lora_config(params_with().lora, "SEQ_CLS"))
+    before = held_out_metrics(untrained, tokenizer, pairs, 256, 8)
+    after = held_out_metrics(RewardModel.load(tiny_model_dir, out / "adapter", "cpu").model, tokenizer, pairs, 256, 8)
+    assert after["margin"] > before["margin"] + 0.05
+    assert after["accuracy"] > before["accuracy"]
+
+
+def _classifier(folder: Path, tokenizer):
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def test_score_head_survives_save_and_load(tiny_model_dir, tokenizer, tmp_path):
+    torch.manual_seed(3)
+    model = get_peft_model(_classifier(tiny_model_dir, tokenizer), lora_config(params_with().lora, "SEQ_CLS"))
+    for name, weight in model.named_parameters():
+        if "lora_B" in name or "score" in name:
+            torch.nn.init.normal_(weight, std=0.3)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any("score" in key for key in saved), "the score head must be saved with the adapter"
+    chats = [reward_chat(["I have two dogs.", "I am a nurse."], [(1, "hi! what do you do?")], 0, reply)
+             for reply in ("i am a nurse, and i walk my dogs.", "i fix cars all day.", "hello")]
+    in_memory = RewardModel(model, tokenizer).score_chats(chats)
+    loaded = RewardModel.load(tiny_model_dir, tmp_path, "cpu").score_chats(chats)
+    assert max(abs(a - b) for a, b in zip(in_memory, loaded)) < 1e-5
+    assert len(set(round(s, 6) for s in loaded)) == 3
+
+
+def test_score_api_builds_the_policy_chat(trained, tiny_model_dir):
+    _, out = trained
+    reward = RewardModel.load(tiny_model_dir, out / "adapter", "cpu", batch_size=2)
+    facts = ["I have two dogs."]
+    history = ["hi there", "hello! how are you?", "great. any pets?"]
+    direct = reward.score([facts, facts, facts], [history, history, history[:1]], ["yes, two dogs", "no", "hey"])
+    chats = [reward_chat(facts, [(1, history[0]), (0, history[1]), (1, history[2])], 0, "yes, two dogs"),
+             reward_chat(facts, [(1, history[0]), (0, history[1]), (1, history[2])], 0, "no"),
+             reward_chat(facts, [(1, history[0])], 0, "hey")]
+    assert direct == pytest.approx(reward.score_chats(chats), abs=1e-6)
+    with pytest.raises(ValueError, match="same length"):
+        reward.score([facts], [history, history], ["a"])
+
+
+def test_lora_on_top_layers_only(pairs_dir, tiny_model_dir, tmp_path):
+    params = params_with(reward={**TINY_REWARD, "max_steps": 1, "lora_top_layers": 1}, model={"max_length": 256})
+    train_reward(params, pairs_dir, tiny_model_dir, tmp_path / "a", tmp_path / "c", tmp_path / "l")
+    keys = [k for k in load_file(tmp_path / "a" / "adapter_model.safetensors") if "lora_" in k]
+    assert keys and all(".layers.1." in k for k in keys)
+    too_many = params_with(reward={**TINY_REWARD, "lora_top_layers": 3}, model={"max_length": 256})
+    with pytest.raises(ConfigError, match="reward.lora_top_layers"):
+        train_reward(too_many, pairs_dir, tiny_model_dir, tmp_path / "b", tmp_path / "c2", tmp_path / "l2")
