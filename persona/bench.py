@@ -2,28 +2,34 @@
 
     python -m persona.bench sft [--steps 6] [--batch-size 4] [--model models/base]
     python -m persona.bench generate [--prompts 32] [--batch-size 8] [--model models/base]
+    python -m persona.bench ppo [--steps 3] [--batch-size 8] [--model models/base]
 
 `sft`: LoRA training throughput of the whole-conversation layout against the per-turn
 layout on the same dialogues: tokens/s (compute speed) and responses trained/s (what the
 layout buys: the per-turn layout re-encodes the whole history for every reply).
 `generate`: the evaluator's batched, KV-cached generation against one prompt at a time,
 same prompts, same greedy decoding (so both produce the same replies).
+`ppo`: PPO experience making (sample replies, then policy and reference log-probs) with the
+reference as a frozen adapter on the policy's own weights against a separate merged copy of
+the SFT model; each variant runs in a fresh process so its peak memory is its own.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from persona.config import load_params
 from persona.data import load_dialogues, read_dialogues
-from persona.evaluate import select_prompts
+from persona.chat_format import select_prompts
 from persona.generation import Decoding, generate_replies
-from persona.models import load_causal_lm, lora_config, resolve_compute
+from persona.models import load_for_training, lora_config, peak_memory_mb, resolve_compute
 from persona.likelihood import collate, masked_nll
 from persona.sft import build_dataset
 
@@ -57,7 +63,7 @@ def bench_sft(model_path: Path, steps: int, batch_size: int) -> None:
     prepared = Path("data/prepared/train.jsonl")
     dialogues = read_dialogues(prepared) if prepared.exists() else load_dialogues("sample", "", "skip")[0]
     compute = resolve_compute("none", "auto", "bench")
-    model, tokenizer = load_causal_lm(model_path, compute)
+    model, tokenizer = load_for_training(model_path, compute)
     model = get_peft_model(model, lora_config(params.lora))
     torch.manual_seed(params.seed)
     results = {}
@@ -100,12 +106,66 @@ def bench_generate(model_path: Path, prompts: int, batch_size: int) -> None:
     print(f"batched / one-by-one: tokens/s x{batched / one:.2f}; identical replies {same}/{len(chats)}")
 
 
+def ppo_experience(variant: str, model_path: Path, steps: int, batch_size: int, results) -> None:
+    """One variant, in its own process: make `steps` batches of PPO experience (after a warm-up)."""
+    import dataclasses
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from persona.ppo.rollout import episodes, pack, response_logits, rollout, token_logprobs
+    from persona.ppo.trainer import load_policy, reference
+
+    params = load_params()
+    cfg = dataclasses.replace(params.ppo, reference="sft" if variant == "adapter" else "base")
+    compute = resolve_compute("none", "auto", "bench")
+    policy, tokenizer = load_policy(model_path, Path("models/sft"), cfg, compute)
+    if variant == "adapter":
+        anchor = lambda: reference(policy, "sft")  # noqa: E731
+    else:
+        copy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        copy = PeftModel.from_pretrained(copy, "models/sft").merge_and_unload().eval().to(compute.device)
+        anchor = lambda: nullcontext(copy)  # noqa: E731
+    pool = episodes(read_dialogues(Path("data/prepared/train.jsonl")), 1, cfg.max_history_turns)
+    decoding = Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, batch_size, params.seed)
+    tokens, started = 0, 0.0
+    for step in range(steps + 1):
+        if step == 1:
+            tokens, started = 0, time.perf_counter()
+        samples = rollout(policy, tokenizer, pool[step * batch_size:(step + 1) * batch_size], 1, decoding)
+        packed = pack(tokenizer, samples).to(compute.device)
+        with torch.no_grad():
+            token_logprobs(response_logits(policy, packed, cfg.temperature)[0], packed)
+            with anchor() as ref:
+                token_logprobs(response_logits(ref, packed, cfg.temperature)[0], packed)
+        tokens += int(packed.response_mask.sum())
+    results.put((variant, tokens / (time.perf_counter() - started), peak_memory_mb(compute.device)))
+
+
+def bench_ppo(model_path: Path, steps: int, batch_size: int) -> None:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    figures = {}
+    for variant in ("copy", "adapter"):
+        child = context.Process(target=ppo_experience, args=(variant, model_path, steps, batch_size, results))
+        child.start()
+        name, tokens_per_s, peak = results.get()
+        child.join()
+        figures[name] = (tokens_per_s, peak)
+    print(f"PPO experience making, {model_path} + models/sft, batch {batch_size}, {steps} timed steps")
+    print(f"{'reference':<28}{'rollout tokens/s':>18}{'peak memory MB':>16}")
+    labels = {"copy": "separate merged copy", "adapter": "frozen adapter, same weights"}
+    for name, (tokens_per_s, peak) in figures.items():
+        print(f"{labels[name]:<28}{tokens_per_s:>18.1f}{peak:>16.0f}")
+    (copy_speed, copy_peak), (adapter_speed, adapter_peak) = figures["copy"], figures["adapter"]
+    print(f"adapter / copy: tokens/s x{adapter_speed / copy_speed:.2f}, peak memory x{adapter_peak / copy_peak:.2f} "
+          f"({adapter_peak - copy_peak:+.0f} MB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m persona.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["sft", "generate"])
+    parser.add_argument("which", choices=["sft", "generate", "ppo"])
     parser.add_argument("--model", type=Path, default=Path("models/base"), help="a saved base model (base stage)")
-    parser.add_argument("--steps", type=int, default=6, help="sft: timed training steps per layout")
+    parser.add_argument("--steps", type=int, help="sft: timed training steps per layout (6); ppo: timed batches (3)")
     parser.add_argument("--prompts", type=int, default=32, help="generate: prompts")
     parser.add_argument("--batch-size", type=int, help="default: 4 for sft, 8 for generate")
     args = parser.parse_args()
@@ -113,7 +173,9 @@ def main() -> None:
     if not (args.model / "config.json").exists():
         parser.error(f"--model {args.model}: no saved model there; run `dvc repro base` first")
     if args.which == "sft":
-        bench_sft(args.model, args.steps, args.batch_size or 4)
+        bench_sft(args.model, args.steps or 6, args.batch_size or 4)
+    elif args.which == "ppo":
+        bench_ppo(args.model, args.steps or 3, args.batch_size or 8)
     else:
         bench_generate(args.model, args.prompts, args.batch_size or 8)
 

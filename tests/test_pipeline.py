@@ -1,4 +1,4 @@
-"""End to end: `dvc repro` of prepare -> base -> sft on a tiny random model, in a scratch git repo."""
+"""End to end: `dvc repro` of the whole pipeline on a tiny random model, in a scratch git repo."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,11 @@ from tests.conftest import REPO
 
 TINY = {"max_steps": 2, "batch_size": 2, "save_steps": 1, "eval_steps": 1, "logging_steps": 1,
         "max_eval_sequences": 4}
+TINY_PAIRS = {"train_n": 16, "valid_n": 8, "max_new_tokens": 6, "max_history_turns": 2}
+TINY_REWARD = {"max_steps": 2, "batch_size": 4, "save_steps": 1, "eval_steps": 1, "logging_steps": 1,
+               "max_eval_sequences": 4, "lora_top_layers": 1}
+TINY_PPO = {"max_steps": 2, "rollout_batch_size": 2, "minibatch_size": 2, "max_new_tokens": 6, "save_steps": 1,
+            "eval_n": 4, "batch_size": 4, "max_history_turns": 2}
 TINY_EVAL = {"n": 4, "likelihood_n": 2, "persona_candidates": 3, "grounding_candidates": 4, "hits_n": 2,
              "reply_candidates": 4, "multiturn_n": 2, "multiturn_turns": 2, "perplexity_sequences": 2,
              "max_new_tokens": 4, "bootstrap": 50}
@@ -47,7 +52,7 @@ def project(tmp_path_factory, tiny_model_dir) -> Path:
         else:
             shutil.copy(source, target)
     set_params(root, model={"name": str(tiny_model_dir), "max_length": 256}, data={"fraction": 0.5},
-               sft=TINY, evaluate=TINY_EVAL)
+               sft=TINY, pairs=TINY_PAIRS, reward=TINY_REWARD, ppo=TINY_PPO, evaluate=TINY_EVAL)
     sh("git", "init", "-q", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny", cwd=root)
@@ -63,8 +68,17 @@ def test_repro_builds_every_output(project):
     assert data["train_dialogues"] > 0 and data["test_dialogues"] > 0
     assert sft["steps"] == 2 and sft["eval_perplexity"] > 0
     assert list((project / "dvclive" / "sft" / "plots" / "metrics").rglob("*.tsv"))
+    pairs = json.loads((project / "metrics" / "pairs.json").read_text())
+    assert pairs["train"]["all"]["pairs"] == 16 and pairs["valid"]["all"]["pairs"] == 8
+    reward = json.loads((project / "metrics" / "reward.json").read_text())
+    assert reward["steps"] == 2 and reward["n_pairs"] == 8 and 0 <= reward["accuracy"] <= 1
+    assert (project / "models" / "reward" / "adapter_model.safetensors").exists()
+    ppo = json.loads((project / "metrics" / "ppo.json").read_text())
+    assert ppo["steps"] == 2 and ppo["processes"] == 1 and ppo["ppo_reward"] is not None
+    assert (project / "models" / "ppo" / "adapter_model.safetensors").exists()
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
-    assert evaluation["n_prompts"] == 4 and {"base", "sft", "gold"} <= set(evaluation)
+    assert evaluation["n_prompts"] == 4 and {"base", "sft", "ppo", "gold"} <= set(evaluation)
+    assert all(evaluation[p]["reward_score"] is not None for p in ("base", "sft", "ppo", "gold"))
     assert (project / "metrics" / "report.md").exists() and (project / "metrics" / "eval.png").exists()
 
 
@@ -73,14 +87,35 @@ def test_second_repro_is_a_no_op(project):
     assert "Running stage" not in out
 
 
-def test_sft_param_change_reruns_only_sft_and_what_follows(project):
+def change_param(project: Path, **sections) -> set[str]:
+    """Commit the current outputs, change params; the stages `dvc status` then reports as changed."""
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=project)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "outputs", cwd=project)
-    set_params(project, sft={"lr": 1e-2})
+    set_params(project, **sections)
     status = sh("dvc", "status", "--json", cwd=project)
-    assert set(json.loads(status[status.index("{"):])) == {"sft"}
+    return set(json.loads(status[status.index("{"):]))
+
+
+def test_sft_param_change_reruns_only_sft_and_what_follows(project):
+    assert change_param(project, sft={"lr": 1e-2}) == {"sft"}
     out = sh("dvc", "repro", cwd=project)
-    assert "Running stage 'sft'" in out and "Running stage 'evaluate'" in out
+    for stage in ("sft", "pairs", "reward", "ppo", "evaluate"):
+        assert f"Running stage '{stage}'" in out
     assert "Running stage 'prepare'" not in out and "Running stage 'base'" not in out
     diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=project))
     assert "eval_nll" in diff["metrics/sft.json"]
+
+
+def test_reward_param_change_reruns_only_reward_and_what_follows(project):
+    assert change_param(project, reward={"lr": 5e-3}) == {"reward"}
+    out = sh("dvc", "repro", cwd=project)
+    assert all(f"Running stage '{s}'" in out for s in ("reward", "ppo", "evaluate"))
+    assert all(f"Running stage '{s}'" not in out for s in ("prepare", "base", "sft", "pairs"))
+
+
+def test_ppo_runs_as_two_process_ddp_on_cpu(project):
+    """`accelerate launch --cpu` starts one process here; --multi_gpu with Accelerator(cpu=True) starts two."""
+    sh("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+       "--mixed_precision", "no", "--main_process_port", "29533", "-m", "stages.ppo", cwd=project)
+    ppo = json.loads((project / "metrics" / "ppo.json").read_text())
+    assert ppo["processes"] == 2 and ppo["steps"] == 2 and ppo["eval_prompts"] == 4

@@ -1,0 +1,119 @@
+"""Experience making: sample replies (single- or multi-turn), pack them, score them.
+
+A batch is packed as [left-padded prompt | right-padded response], so every response starts at
+the same column and per-token tensors are (batch, response_tokens). Position ids follow the
+attention mask, exactly as in generation, so the logprobs scored here are those the tokens
+were sampled with.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from persona.chat_format import Prompt, render
+from persona.data import Dialogue
+from persona.generation import Decoding, Reply, generate
+
+
+@dataclass
+class Episode:
+    """A prompt and the partner's SPC turns that follow it (used between multi-turn policy turns)."""
+    prompt: Prompt
+    partner_turns: list[str]
+
+
+def episodes(dialogues: list[Dialogue], turns: int, max_history: int) -> list[Episode]:
+    """Every (dialogue, speaker turn) with history before it and room for `turns` policy turns after."""
+    out = []
+    for d in dialogues:
+        for i in range(1, len(d.turns) - 2 * (turns - 1)):
+            speaker = d.turns[i][0]
+            follow = d.turns[i + 1: i + 2 * (turns - 1): 2]
+            if any(who == speaker for who, _ in follow):
+                continue  # the partner must speak between policy turns
+            prompt = Prompt(d.id, speaker, d.personas[speaker], d.turns[max(0, i - max_history):i], d.turns[i][1])
+            out.append(Episode(prompt, [text for _, text in follow]))
+    return out
+
+
+def sample_order(n: int, step: int, seed: int) -> list[int]:
+    """A fresh seeded permutation of the episodes for each pass over them."""
+    order = list(range(n))
+    random.Random(seed * 100_003 + step).shuffle(order)
+    return order
+
+
+@dataclass
+class Sample:
+    chat: list[dict]  # the context the reply was generated for
+    reply: Reply
+
+
+def rollout(model, tokenizer, batch: list[Episode], turns: int, decoding: Decoding) -> list[Sample]:
+    """Policy replies for each episode; with turns > 1 each reply joins the context of the next turn."""
+    chats = [e.prompt.chat() for e in batch]
+    samples = []
+    for k in range(turns):
+        step_decoding = Decoding(decoding.max_new_tokens, decoding.temperature, decoding.top_p, decoding.batch_size,
+                                 decoding.seed * 31 + k)
+        replies = generate(model, tokenizer, chats, step_decoding)
+        samples += [Sample(chat, reply) for chat, reply in zip(chats, replies)]
+        if k + 1 < turns:
+            chats = [chat + [{"role": "assistant", "content": r.text}, {"role": "user", "content": e.partner_turns[k]}]
+                     for chat, r, e in zip(chats, replies, batch)]
+    return samples
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor  # (B, R), 1 on generated tokens (end-of-turn included)
+    prompt_width: int  # P
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def to(self, device) -> "Packed":
+        return Packed(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+                      self.prompt_width)
+
+    def rows(self, index: torch.Tensor) -> "Packed":
+        return Packed(self.input_ids[index], self.attention_mask[index], self.response_mask[index], self.prompt_width)
+
+
+def pack(tokenizer, samples: list[Sample]) -> Packed:
+    prompts = [tokenizer(render(tokenizer, s.chat, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for s in samples]
+    responses = [s.reply.token_ids or [tokenizer.eos_token_id] for s in samples]
+    width, length = max(map(len, prompts)), max(map(len, responses))
+    ids = torch.full((len(samples), width + length), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    response_mask = torch.zeros(len(samples), length, dtype=torch.long)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        ids[row, width - len(prompt):width] = torch.tensor(prompt)
+        ids[row, width:width + len(response)] = torch.tensor(response)
+        attention[row, width - len(prompt):width + len(response)] = 1
+        response_mask[row, :len(response)] = 1
+    return Packed(ids, attention, response_mask, width)
+
+
+def response_logits(model, packed: Packed, temperature: float, with_hidden: bool = False):
+    """Logits (B, R, V) scaled by the sampling temperature for each response token, and optionally the
+    final hidden states (B, R, H) of the positions that predict them."""
+    length = packed.response_mask.shape[1]
+    out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids,
+                logits_to_keep=length + 1, output_hidden_states=with_hidden, use_cache=False)
+    logits = out.logits[:, :-1].float() / max(temperature, 1e-6)
+    hidden = out.hidden_states[-1][:, -length - 1:-1] if with_hidden else None
+    return logits, hidden
+
+
+def token_logprobs(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """log p of each generated token (B, R); padding positions are 0."""
+    targets = packed.input_ids[:, packed.prompt_width:]
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp * packed.response_mask

@@ -1,0 +1,194 @@
+"""PPO on the tiny random model: KL 0 at step 0, a frozen reference, a loop that really optimises, resume."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from peft import get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from persona.data import prepare, read_dialogues
+from persona.generation import Decoding
+from persona.models import lora_config, resolve_compute
+from persona.ppo.rollout import episodes, pack, response_logits, rollout, token_logprobs
+from persona.ppo.trainer import PolicyWithValue, load_policy, ppo_step, reference, train_ppo
+from persona.reward import REWARD_INFO
+from tests.conftest import params_with
+
+TINY_PPO = {"max_steps": 4, "rollout_batch_size": 4, "minibatch_size": 2, "max_new_tokens": 6, "save_steps": 2,
+            "eval_n": 4, "batch_size": 4, "lr": 1e-3, "max_history_turns": 2}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("prepared")
+    prepare("sample", "unused", 0.5, "skip", 0.1, 0.1, seed=1, out_dir=folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reward_adapter(tiny_model_dir, tokenizer, tmp_path_factory) -> Path:
+    torch.manual_seed(2)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model = get_peft_model(base, lora_config(params_with().lora, "SEQ_CLS"))
+    for name, weight in model.named_parameters():
+        if "lora_B" in name or "score" in name:
+            torch.nn.init.normal_(weight, std=0.3)
+    folder = tmp_path_factory.mktemp("reward")
+    model.save_pretrained(folder)
+    (folder / REWARD_INFO).write_text(json.dumps({"score_mean": 0.0, "score_std": 1.0}))
+    return folder
+
+
+def cfg_with(**changes):
+    return dataclasses.replace(params_with(ppo=TINY_PPO).ppo, **changes)
+
+
+@pytest.fixture(scope="module")
+def batch(prepared):
+    return episodes(read_dialogues(prepared / "train.jsonl"), 1, 2)[:4]
+
+
+def samples_for(policy, tokenizer, batch, seed=0):
+    return rollout(policy, tokenizer, batch, 1, Decoding(max_new_tokens=6, temperature=1.0, top_p=1.0, seed=seed))
+
+
+def test_kl_to_the_reference_is_zero_at_step_zero(tiny_model_dir, sft_adapter, tokenizer, batch):
+    compute = resolve_compute("none", "fp32", "ppo")
+    policy, _ = load_policy(tiny_model_dir, sft_adapter, cfg_with(reference="sft"), compute)
+    packed = pack(tokenizer, samples_for(policy, tokenizer, batch))
+    with torch.no_grad():
+        own = token_logprobs(response_logits(policy, packed, 1.0)[0], packed)
+        with reference(policy, "sft") as ref:
+            anchored = token_logprobs(response_logits(ref, packed, 1.0)[0], packed)
+        with reference(policy, "base") as ref:
+            base = token_logprobs(response_logits(ref, packed, 1.0)[0], packed)
+    assert torch.allclose(own, anchored, atol=1e-6)
+    assert (own - base).abs().max() > 1e-3  # the base model is a different anchor
+    assert all(p.requires_grad == (".default." in n) for n, p in policy.named_parameters())
+
+
+def test_packed_logprobs_equal_unpadded_forward(tiny_model_dir, tokenizer, batch):
+    """Left-padded prompts and right-padded replies score each token as an unpadded sequence would."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    packed = pack(tokenizer, samples_for(model, tokenizer, batch, seed=4))
+    with torch.no_grad():
+        batched = token_logprobs(response_logits(model, packed, 0.7)[0], packed)
+        for row in range(packed.input_ids.shape[0]):
+            ids = packed.input_ids[row][packed.attention_mask[row].bool()][None]
+            n = int(packed.response_mask[row].sum())
+            logits = model(input_ids=ids).logits[0, -n - 1:-1] / 0.7
+            alone = torch.log_softmax(logits, -1).gather(-1, ids[0, -n:, None]).squeeze(-1)
+            assert torch.allclose(batched[row, :n], alone, atol=1e-4)
+            assert (batched[row, n:] == 0).all()
+
+
+class TokenSetReward:
+    """Programmatic reward: the share of reply tokens whose embedding points along a fixed direction."""
+
+    def __init__(self, model, tokenizer):
+        embeddings = model.get_input_embeddings().weight.detach()
+        self.good = set(torch.nonzero(embeddings[:, 0] > 0).squeeze(-1).tolist())
+        self.tokenizer = tokenizer
+
+    def score_chats(self, chats):
+        scores = []
+        for chat in chats:
+            ids = self.tokenizer(chat[-1]["content"], add_special_tokens=False)["input_ids"]
+            scores.append(sum(i in self.good for i in ids) / max(len(ids), 1))
+        return scores
+
+
+def setup_loop(tiny_model_dir, sft_adapter, cfg):
+    policy, tokenizer = load_policy(tiny_model_dir, sft_adapter, cfg, resolve_compute("none", "fp32", "ppo"))
+    module = PolicyWithValue(policy, policy.config.hidden_size)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.lr)
+    accelerator = Accelerator(cpu=True)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    return accelerator, module, optimizer, tokenizer
+
+
+def test_the_loop_raises_a_programmatic_reward_and_never_moves_the_reference(tiny_model_dir, sft_adapter, prepared,
+                                                                           batch):
+    from persona.ppo.kl import FixedKL
+    cfg = cfg_with(rollout_batch_size=8, minibatch_size=4, max_new_tokens=8, temperature=1.0, lr=3e-3,
+                   kl_coef=0.01, normalize_reward=False, missing_eos_penalty=0.0)
+    accelerator, module, optimizer, tokenizer = setup_loop(tiny_model_dir, sft_adapter, cfg)
+    reward = TokenSetReward(module.policy, tokenizer)
+    train = episodes(read_dialogues(prepared / "train.jsonl"), 1, 2)
+    policy = module.policy
+    probe = pack(tokenizer, samples_for(policy, tokenizer, batch))
+    with torch.no_grad(), reference(policy, "sft") as ref:
+        reference_before = response_logits(ref, probe, 1.0)[0]
+    controller, rewards = FixedKL(cfg.kl_coef), []
+    for step in range(30):
+        torch.manual_seed(step)
+        stats = ppo_step(accelerator, module, optimizer, tokenizer, reward, train[step * 8 % 64:][:8], cfg,
+                         controller, None, step)
+        rewards.append(stats["reward"])
+    with torch.no_grad():
+        with reference(policy, "sft") as ref:
+            reference_after = response_logits(ref, probe, 1.0)[0]
+        policy_after = response_logits(policy, probe, 1.0)[0]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.1, rewards
+    assert torch.equal(reference_before, reference_after)
+    assert not torch.allclose(policy_after, reference_after, atol=1e-3)
+    assert stats["kl"] > 0 and 0 <= stats["clip_fraction"] <= 1 and stats["entropy"] > 0
+
+
+def test_non_finite_losses_skip_the_update(tiny_model_dir, sft_adapter, prepared, batch):
+    from persona.ppo.kl import FixedKL
+
+    class NanReward:
+        def score_chats(self, chats):
+            return [float("nan")] * len(chats)
+
+    cfg = cfg_with(normalize_reward=False)
+    accelerator, module, optimizer, tokenizer = setup_loop(tiny_model_dir, sft_adapter, cfg)
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    stats = ppo_step(accelerator, module, optimizer, tokenizer, NanReward(), batch, cfg, FixedKL(0.05), None, 0)
+    assert stats["skipped"] == cfg.ppo_epochs * len(batch) // cfg.minibatch_size
+    assert all(torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
+
+
+def test_multi_turn_rollout_feeds_replies_back(tiny_model_dir, tokenizer, prepared):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    multi = episodes(read_dialogues(prepared / "train.jsonl"), 3, 2)[:2]
+    samples = rollout(model, tokenizer, multi, 3, Decoding(max_new_tokens=4, seed=1))
+    assert len(samples) == 6
+    for k, episode in enumerate(multi):
+        first, second, third = samples[k], samples[2 + k], samples[4 + k]
+        assert second.chat[:len(first.chat)] == first.chat
+        assert second.chat[-2] == {"role": "assistant", "content": first.reply.text}
+        assert second.chat[-1] == {"role": "user", "content": episode.partner_turns[0]}
+        assert third.chat[-1] == {"role": "user", "content": episode.partner_turns[1]}
+
+
+def run(params, prepared, tiny, sft, reward, tmp: Path, **kwargs):
+    return train_ppo(params, prepared, tiny, sft, reward, tmp / "ppo", tmp / "ckpt", tmp / "live", **kwargs)
+
+
+def test_stage_metrics_and_resume_after_interruption(tiny_model_dir, sft_adapter, reward_adapter, prepared, tmp_path):
+    params = params_with(ppo=TINY_PPO, model={"max_length": 256})
+    straight = run(params, prepared, tiny_model_dir, sft_adapter, reward_adapter, tmp_path / "a")
+    assert straight["steps"] == 4 and straight["processes"] == 1 and straight["eval_prompts"] == 4
+    for key in ("sft_reward", "ppo_reward", "held_out_kl", "rollout_tokens_per_s", "peak_memory_mb"):
+        assert straight[key] is not None
+    assert (tmp_path / "a" / "ppo" / "adapter_config.json").exists()
+    assert list((tmp_path / "a" / "live" / "plots" / "metrics").rglob("kl_coef.tsv"))
+
+    interrupted = run(params, prepared, tiny_model_dir, sft_adapter, reward_adapter, tmp_path / "b", stop_after=3)
+    assert interrupted == {"stopped_after": 3}
+    resumed = run(params, prepared, tiny_model_dir, sft_adapter, reward_adapter, tmp_path / "b")
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    a = load_file(tmp_path / "a" / "ppo" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "ppo" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert resumed["ppo_reward"] == pytest.approx(straight["ppo_reward"], abs=1e-4)
