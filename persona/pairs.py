@@ -115,7 +115,7 @@ def other_persona(prompt: Prompt, pool: list[list[str]], rng: random.Random) -> 
 
 def build_pairs(dialogues: list[Dialogue], model, tokenizer, cfg: PairsConfig, n: int, split: str,
                 seed: int) -> tuple[list[dict], dict]:
-    """n pairs (one per sampled prompt) from `dialogues` with the active policy; returns (pairs, stats)."""
+    """n pairs (one per sampled prompt) from `dialogues` with the active policy; returns (pairs, timing)."""
     rng = random.Random(seed)
     prompts = select_prompts(dialogues, n, cfg.max_history_turns, seed)
     if len(prompts) < n:
@@ -161,8 +161,8 @@ def build_pairs(dialogues: list[Dialogue], model, tokenizer, cfg: PairsConfig, n
                         negation=negation)
         else:
             own_dialogue_turns = {text for d in dialogues if d.id == prompt.dialogue for _, text in d.turns}
-            pool_texts = list(BLAND_REPLIES) + rng.sample([t for t in off_topic if t not in own_dialogue_turns],
-                                                           min(32, len(off_topic)))
+            elsewhere = [t for t in off_topic if t not in own_dialogue_turns]
+            pool_texts = list(BLAND_REPLIES) + rng.sample(elsewhere, min(32, len(elsewhere)))
             rejected = closest_in_length(chosen[i], rng.sample(pool_texts, len(pool_texts)))
             pair.update(rejected=rejected, rejected_source="bland" if rejected in BLAND_REPLIES else "off_topic")
         pairs.append(pair)

@@ -92,8 +92,9 @@ def reference(policy, kind: str):
 
 
 @torch.no_grad()
-def score_replies(reward_model: RewardModel, samples, cfg: PPOConfig, stats: dict | None) -> torch.Tensor:
-    """Reward per sample: normalised reward-model score, plus the penalty for a reply cut off."""
+def score_replies(reward_model: RewardModel, samples, cfg: PPOConfig, stats: dict | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reward per sample: normalised score + the penalty for a reply cut off, raw reward-model score)."""
     raw = torch.tensor(reward_model.score_chats([s.chat + [{"role": "assistant", "content": s.reply.text}]
                                                  for s in samples]))
     scores = (raw - stats["score_mean"]) / max(stats["score_std"], 1e-6) if stats else raw.clone()
@@ -187,7 +188,7 @@ def ppo_step(accelerator, module, optimizer, tokenizer, reward_model, batch: lis
             for key, value in (("policy_loss", pg.item()), ("value_loss", vf.item()), ("entropy", ent.item()),
                                ("grad_norm", float(grad_norm)), *pg_stats.items(), *vf_stats.items()):
                 history[key].append(value)
-    stats.update({key: reduce(np.mean(values)) if values else float("nan") for key, values in history.items()})
+    stats.update({key: reduce(np.mean(series)) if series else float("nan") for key, series in history.items()})
     controller.update(stats["kl"], n * accelerator.num_processes)
     return stats
 
