@@ -10,8 +10,9 @@ layout buys: the per-turn layout re-encodes the whole history for every reply).
 `generate`: the evaluator's batched, KV-cached generation against one prompt at a time,
 same prompts, same greedy decoding (so both produce the same replies).
 `ppo`: PPO experience making (sample replies, then policy and reference log-probs) with the
-reference as a frozen adapter on the policy's own weights against a separate merged copy of
-the SFT model; each variant runs in a fresh process so its peak memory is its own.
+reference as a separate merged copy of the SFT model (the baseline), as a frozen adapter on the
+policy's own weights (`ppo.reference: sft`), and as the adapter disabled (`ppo.reference: base`);
+each variant runs in a fresh process so its peak memory is its own.
 """
 from __future__ import annotations
 
@@ -118,8 +119,8 @@ def ppo_experience(variant: str, model_path: Path, steps: int, batch_size: int, 
     cfg = dataclasses.replace(params.ppo, reference="sft" if variant == "adapter" else "base")
     compute = resolve_compute("none", "auto", "bench")
     policy, tokenizer = load_policy(model_path, Path("models/sft"), cfg, compute)
-    if variant == "adapter":
-        anchor = lambda: reference(policy, "sft")  # noqa: E731
+    if variant != "copy":
+        anchor = lambda: reference(policy, cfg.reference)  # noqa: E731
     else:
         copy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         copy = PeftModel.from_pretrained(copy, "models/sft").merge_and_unload().eval().to(compute.device)
@@ -144,20 +145,23 @@ def bench_ppo(model_path: Path, steps: int, batch_size: int) -> None:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     figures = {}
-    for variant in ("copy", "adapter"):
+    for variant in ("copy", "adapter", "disabled"):
         child = context.Process(target=ppo_experience, args=(variant, model_path, steps, batch_size, results))
         child.start()
         name, tokens_per_s, peak = results.get()
         child.join()
         figures[name] = (tokens_per_s, peak)
     print(f"PPO experience making, {model_path} + models/sft, batch {batch_size}, {steps} timed steps")
-    print(f"{'reference':<28}{'rollout tokens/s':>18}{'peak memory MB':>16}")
-    labels = {"copy": "separate merged copy", "adapter": "frozen adapter, same weights"}
+    print(f"{'reference':<30}{'rollout tokens/s':>18}{'peak memory MB':>16}")
+    labels = {"copy": "separate merged copy", "adapter": "frozen SFT adapter (sft)",
+              "disabled": "adapters disabled (base)"}
     for name, (tokens_per_s, peak) in figures.items():
-        print(f"{labels[name]:<28}{tokens_per_s:>18.1f}{peak:>16.0f}")
-    (copy_speed, copy_peak), (adapter_speed, adapter_peak) = figures["copy"], figures["adapter"]
-    print(f"adapter / copy: tokens/s x{adapter_speed / copy_speed:.2f}, peak memory x{adapter_peak / copy_peak:.2f} "
-          f"({adapter_peak - copy_peak:+.0f} MB)")
+        print(f"{labels[name]:<30}{tokens_per_s:>18.1f}{peak:>16.0f}")
+    copy_speed, copy_peak = figures["copy"]
+    for name in ("adapter", "disabled"):
+        speed, peak = figures[name]
+        print(f"{name} / copy: tokens/s x{speed / copy_speed:.2f}, peak memory x{peak / copy_peak:.2f} "
+              f"({peak - copy_peak:+.0f} MB)")
 
 
 def main() -> None:
