@@ -1,4 +1,8 @@
-"""Command line: `python -m persona evaluate ...` (the evaluate stage, usable outside DVC)."""
+"""Command line: `python -m persona {evaluate,chat,web,export}`.
+
+evaluate: the evaluate stage, usable outside DVC. chat: a terminal chat with any policy the
+pipeline produced. web: the Gradio demo. export: merge an adapter into a plain checkpoint.
+"""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +49,46 @@ def evaluate_command(args) -> None:
     print(f"wrote {out}, {out.with_suffix('.samples.jsonl')}, {out.with_suffix('.md')} in {result['wall_s']} s")
 
 
+def decoding_from(args):
+    from persona.generation import Decoding
+    return Decoding(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    batch_size=1, seed=args.seed)
+
+
+def chat_command(args) -> None:
+    from persona.chat import ChatSession, load_chat_models, parse_persona, run_terminal
+
+    stage.start_logging()
+    facts = parse_persona(args.persona, Path(args.persona_file) if args.persona_file else None)
+    adapters = {"policy": Path(args.adapter)} if args.adapter else {}
+    model, tokenizer = load_chat_models(args.base, adapters)
+    run_terminal(ChatSession(model, tokenizer, facts, decoding_from(args)))
+
+
+def web_command(args) -> None:
+    from persona.web import serve
+
+    stage.start_logging()
+    adapters = {"sft": args.sft, "ppo": args.ppo}
+    serve(args.base, adapters, decoding_from(args), args.embedding_model, args.host, args.port)
+
+
+def export_command(args) -> None:
+    from persona.export import export_merged
+
+    stage.start_logging()
+    info = export_merged(args.base, Path(args.adapter), args.out)
+    print(f"wrote {args.out} ({info['parameters']:,} parameters); GGUF: {info['gguf']}")
+
+
+def add_decoding(parser) -> None:
+    parser.add_argument("--base", type=Path, default=Path("models/base"), help="the base stage's model")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m persona")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -61,9 +105,33 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--ppo", type=Path, default=Path("models/ppo"), help="PPO adapter folder")
     ev.add_argument("--reward", default="",
                     help="reward model folder (models/reward) to score replies; must match --base")
+    ev.set_defaults(run=evaluate_command)
+
+    chat = commands.add_parser("chat", help="chat in the terminal with a persona")
+    chat.add_argument("--adapter", default="models/ppo", help="an sft or ppo stage output; '' = the base model")
+    chat.add_argument("--persona", help='facts separated by "|", e.g. "I love hiking | I have two dogs"')
+    chat.add_argument("--persona-file", help="a file with one fact per line")
+    add_decoding(chat)
+    chat.set_defaults(run=chat_command)
+
+    web = commands.add_parser("web", help="the Gradio demo: models side by side with a persona score")
+    web.add_argument("--sft", type=Path, default=Path("models/sft"))
+    web.add_argument("--ppo", type=Path, default=Path("models/ppo"))
+    web.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes the demo to your network")
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--embedding-model", default="all-minilm-l6-v2", help="judge for the persona score")
+    add_decoding(web)
+    web.set_defaults(run=web_command)
+
+    export = commands.add_parser("export", help="merge an adapter into the base and save a plain checkpoint")
+    export.add_argument("--adapter", required=True, help="an sft or ppo stage output")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--base", type=Path, default=Path("models/base"))
+    export.set_defaults(run=export_command)
+
     args = parser.parse_args(argv)
     try:
-        evaluate_command(args)
+        args.run(args)
     except stage.USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -115,6 +115,7 @@ def ppo_experience(variant: str, model_path: Path, steps: int, batch_size: int, 
     from persona.ppo.rollout import episodes, pack, response_logits, rollout, token_logprobs
     from persona.ppo.trainer import load_policy, reference
 
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an optional CPU kernel it lives without
     params = load_params()
     cfg = dataclasses.replace(params.ppo, reference="sft" if variant == "adapter" else "base")
     compute = resolve_compute("none", "auto", "bench")
@@ -174,6 +175,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: 4 for sft, 8 for generate")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if not (args.model / "config.json").exists():
         parser.error(f"--model {args.model}: no saved model there; run `dvc repro base` first")
     if args.which == "sft":

@@ -7,7 +7,7 @@ depend on what else happened to run before it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,8 +35,21 @@ def generate_replies(model, tokenizer, chats: list[list[dict]], decoding: Decodi
     return [reply.text for reply in generate(model, tokenizer, chats, decoding)]
 
 
+def stream_reply(model, tokenizer, chat: list[dict], decoding: Decoding, on_text) -> Reply:
+    """One reply, handed to `on_text` piece by piece as it is generated (the terminal chat)."""
+    from transformers import TextStreamer
+
+    class Forward(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                on_text(text)
+
+    streamer = Forward(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return generate(model, tokenizer, [chat], replace(decoding, batch_size=1), streamer)[0]
+
+
 @torch.no_grad()
-def generate(model, tokenizer, chats: list[list[dict]], decoding: Decoding) -> list[Reply]:
+def generate(model, tokenizer, chats: list[list[dict]], decoding: Decoding, streamer=None) -> list[Reply]:
     """The next assistant reply for each chat, with its tokens and whether it ended on its own."""
     was_training = model.training
     model.eval()
@@ -58,7 +71,7 @@ def generate(model, tokenizer, chats: list[list[dict]], decoding: Decoding) -> l
             if decoding.temperature > 0 else {"do_sample": False}
         output = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device),
                                 max_new_tokens=decoding.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+                                pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=streamer, **sampling)
         for row, i in enumerate(chunk):
             tokens = output[row, width:].tolist()
             finished = tokenizer.eos_token_id in tokens

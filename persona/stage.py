@@ -18,12 +18,16 @@ METRICS_DIR = Path("metrics")
 def start(params_path: str = "params.yaml") -> Params:
     """Configure logging and load + validate params before any work starts."""
     sys.excepthook = _report_user_errors
+    start_logging()
+    return load_params(params_path)
+
+
+def start_logging() -> None:
     logging.basicConfig(level=os.environ.get("PERSONA_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         force=True)  # a library may have configured logging on import
     # bitsandbytes warns on import about an optional CPU kernel package it can live without.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    return load_params(params_path)
 
 
 def write_metrics(name: str, metrics: dict) -> Path:
