@@ -139,11 +139,16 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig
     else:
         out["nli_c_score"] = out["nli_contradiction_rate"] = None
     out.setdefault("reward_score", None)
+    # Reward hacking check: a policy optimised against the reward model may buy reward with length.
+    out["reward_length_correlation"] = M.pearson(per["reward_score"], per["length_words"]) \
+        if "reward_score" in per else None
     out.update(multiturn(model, tokenizer, cfg, context))
     timings["time_multiturn_s"] = time.perf_counter() - mark
     out.update({key: round(value, 1) for key, value in timings.items()})
     records = [{"reply": r, "grounding_top1": g, "f1": round(f, 4), "parrots": bool(pr)}
                for r, g, f, pr in zip(replies, ground["top1"], per["f1"], per["parroting_rate"])]
+    for record, score in zip(records, per.get("reward_score", [])):
+        record["reward_score"] = round(score, 4)
     return out, records
 
 
@@ -293,7 +298,7 @@ def report_markdown(result: dict, policies: list[str]) -> str:
     rows = [*HEADLINE, "grounding_mrr", "max_fact_similarity", "multiturn_grounding_top1", "reply_hits1",
             "gold_perplexity", "bleu", "rouge_l", "distinct_1", "distinct_2", "length_words", "repetition",
             "question_rate", "nli_c_score", "nli_contradiction_rate", "multiturn_self_contradiction_rate",
-            "reward_score", "generation_tokens_per_s"]
+            "reward_score", "reward_length_correlation", "generation_tokens_per_s"]
     columns = [*policies, "gold"]
     lines = ["# Evaluation report", "",
              f"{result['n_prompts']} held-out prompts from {result['n_dialogues']} test dialogues; "

@@ -167,3 +167,11 @@ def summarize(values: Sequence[float], seed: int = 0, n_resamples: int = 1000) -
     mean = float(np.mean(values)) if len(values) else float("nan")
     low, high = bootstrap_ci(values, seed=seed, n_resamples=n_resamples)
     return {"mean": round(mean, 4), "ci_low": round(low, 4), "ci_high": round(high, 4), "n": len(values)}
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Pearson correlation; None when either side is constant or there are fewer than 3 points."""
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return None
+    return round(float(np.corrcoef(x, y)[0, 1]), 4)

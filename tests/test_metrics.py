@@ -210,3 +210,10 @@ def test_summarize():
     assert (summary["ci_low"], summary["ci_high"]) == tuple(round(x, 4) for x in bootstrap_ci(values))
     assert summary["ci_low"] <= summary["mean"] <= summary["ci_high"]
     assert json.loads(json.dumps(summary)) == summary
+
+
+def test_pearson():
+    from persona.metrics import pearson
+    assert pearson([1, 2, 3, 4], [2, 4, 6, 8]) == 1.0
+    assert pearson([1, 2, 3, 4], [8, 6, 4, 2]) == -1.0
+    assert pearson([1, 2, 3], [5, 5, 5]) is None and pearson([1, 2], [3, 4]) is None
