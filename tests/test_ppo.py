@@ -192,3 +192,15 @@ def test_stage_metrics_and_resume_after_interruption(tiny_model_dir, sft_adapter
     b = load_file(tmp_path / "b" / "ppo" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert resumed["ppo_reward"] == pytest.approx(straight["ppo_reward"], abs=1e-4)
+
+
+def test_a_multi_turn_step_trains_on_every_policy_turn(tiny_model_dir, sft_adapter, prepared):
+    from persona.ppo.kl import FixedKL
+    cfg = cfg_with(turns=2, rollout_batch_size=2, minibatch_size=2, normalize_reward=False)
+    accelerator, module, optimizer, tokenizer = setup_loop(tiny_model_dir, sft_adapter, cfg)
+    multi = episodes(read_dialogues(prepared / "train.jsonl"), 2, 2)[:2]
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    stats = ppo_step(accelerator, module, optimizer, tokenizer, TokenSetReward(module.policy, tokenizer), multi, cfg,
+                     FixedKL(0.05), None, 0)
+    assert stats["skipped"] == 0 and all(torch.isfinite(torch.tensor(stats[k])) for k in ("policy_loss", "value_loss"))
+    assert any(not torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
