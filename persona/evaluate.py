@@ -298,7 +298,7 @@ def report_markdown(result: dict, policies: list[str]) -> str:
     rows = [*HEADLINE, "grounding_mrr", "max_fact_similarity", "multiturn_grounding_top1", "reply_hits1",
             "gold_perplexity", "bleu", "rouge_l", "distinct_1", "distinct_2", "length_words", "repetition",
             "question_rate", "nli_c_score", "nli_contradiction_rate", "multiturn_self_contradiction_rate",
-            "reward_score", "reward_length_correlation", "generation_tokens_per_s"]
+            "reward_length_correlation", "generation_tokens_per_s"]
     columns = [*policies, "gold"]
     lines = ["# Evaluation report", "",
              f"{result['n_prompts']} held-out prompts from {result['n_dialogues']} test dialogues; "
