@@ -139,9 +139,8 @@ def test_lr_without_dot_is_a_float(tmp_path):
     """`lr: 2e-4` (YAML 1.1 reads it as a string) loads as the float 0.0002."""
     path = write_params(tmp_path)
     text = path.read_text()
-    lines = [line for line in text.splitlines() if line.strip().startswith("lr:")]
-    assert len(lines) == 1
-    path.write_text(text.replace(lines[0], "  lr: 2e-4"))
+    sft_lr = next(line for line in text[text.index("\nsft:"):].splitlines() if line.strip().startswith("lr:"))
+    path.write_text(text.replace(sft_lr, "  lr: 2e-4", 1))
     assert yaml.safe_load(path.read_text())["sft"]["lr"] == "2e-4"  # the premise: YAML gives a string
     lr = load_params(path).sft.lr
     assert isinstance(lr, float) and lr == pytest.approx(0.0002)
