@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m persona.bench sft
 	$(PY) -m persona.bench generate
+	$(PY) -m persona.bench ppo
 
 clean:
 	rm -rf $(VENV)
