@@ -136,3 +136,12 @@ def test_pairs_round_trip_and_bad_rows_are_named(pairs, tmp_path):
 def test_shares_must_sum_to_one():
     with pytest.raises(ConfigError, match="pairs.shares"):
         dataclasses.replace(CFG, shares=PairShares(0.5, 0.2, 0.1, 0.1)).validate()
+
+
+def test_chosen_can_be_an_sft_sample_under_the_true_persona(train_dialogues, tiny_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = dataclasses.replace(CFG, chosen="sample", shares=PairShares(0.5, 0.5, 0.0, 0.0), swap_candidates=1)
+    built, timer = build_pairs(train_dialogues, model, tokenizer, cfg, 8, "train", seed=2)
+    golds = {text for d in train_dialogues for _, text in d.turns}
+    assert all(p["chosen_source"] == "sample" and p["chosen"] not in golds for p in built)
+    assert timer["generated_tokens"] > 0
