@@ -2,7 +2,8 @@
 
 One base model carries every adapter (as in evaluation), so switching model is instant. Each
 reply gets the evaluator's persona score: the MiniLM similarity of the reply to its closest
-persona fact (`grounding` in `persona.evaluate`; gold SPC replies average about 0.4).
+persona fact (`max_fact_similarity` in `persona.evaluate`; the default evaluation's gold replies
+average 0.42).
 Binds to 127.0.0.1 unless told otherwise.
 """
 from __future__ import annotations
@@ -88,7 +89,7 @@ def build_app(demo: Demo):
 
     with gr.Blocks(title="persona-rlhf demo") as app:
         gr.Markdown("### Chat with a persona bot\nFacts separated by `|`. Each reply shows the model and its "
-                    "persona score (similarity to the closest fact; gold SPC replies average about 0.4).")
+                    "persona score (similarity to the closest fact; dataset replies average about 0.4).")
         persona_box = gr.Textbox(DEFAULT_PERSONA, label="Persona", elem_id="persona")
         with gr.Row():
             left_model = gr.Radio(demo.policies, value=demo.policies[-1], label="Model", elem_id="model-left")

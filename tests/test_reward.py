@@ -112,3 +112,16 @@ def test_lora_on_top_layers_only(pairs_dir, tiny_model_dir, tmp_path):
     too_many = params_with(reward={**TINY_REWARD, "lora_top_layers": 3}, model={"max_length": 256})
     with pytest.raises(ConfigError, match="reward.lora_top_layers"):
         train_reward(too_many, pairs_dir, tiny_model_dir, tmp_path / "b", tmp_path / "c2", tmp_path / "l2")
+
+
+def test_merged_reward_model_scores_like_the_adapter(tiny_model_dir, tokenizer):
+    """The score head is a saved module of the adapter, so merging keeps the trained head."""
+    torch.manual_seed(4)
+    model = get_peft_model(_classifier(tiny_model_dir, tokenizer), lora_config(params_with().lora, "SEQ_CLS"))
+    for name, weight in model.named_parameters():
+        if "lora_B" in name or "score" in name:
+            torch.nn.init.normal_(weight, std=0.3)
+    chats = [reward_chat(["I have two dogs."], [(1, "any pets?")], 0, reply) for reply in ("two dogs!", "no.")]
+    adapter_scores = RewardModel(model, tokenizer).score_chats(chats)
+    merged_scores = RewardModel(model.merge_and_unload(), tokenizer).score_chats(chats)
+    assert merged_scores == pytest.approx(adapter_scores, abs=1e-5)
