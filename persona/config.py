@@ -21,6 +21,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 Quant = Literal["auto", "nf4", "none"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
+# transformers `optim` names; paged_* page optimizer state through CUDA unified memory
+Optimizer = Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 
 
 class ConfigError(ValueError):
@@ -50,7 +52,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "smollm2-135m-instruct"  # bundled alias | hub id | local directory
     trust_remote_code: bool = False
-    max_length: int = 1024  # tokens per training sequence
+    max_length: int = 768  # tokens per training sequence
 
     def validate(self, base_dir: Path) -> None:
         _check(self.max_length >= 32, "model.max_length", "must be >= 32")
@@ -86,6 +88,7 @@ class TrainConfig:
     """Optimisation settings shared by every training stage (each stage has its own section)."""
     quant: Quant = "auto"  # nf4 = QLoRA (bitsandbytes 4-bit NF4 + double quant); auto = nf4 on CUDA only
     precision: Precision = "auto"  # auto: bf16 if the GPU has it, fp16 on older GPUs, fp32 on CPU
+    optimizer: Optimizer = "auto"  # auto: paged_adamw_8bit with nf4 on CUDA, else adamw_torch
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 4
@@ -112,6 +115,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SFTConfig(TrainConfig):
+    max_steps: int = 20
+    lr: float = 1e-3
+    eval_steps: int = 8
+    save_steps: int = 8
+    max_eval_sequences: int = 0
     layout: Literal["conversation", "turn"] = "conversation"  # one sequence per (dialogue, speaker) or per turn
 
 
@@ -150,8 +158,11 @@ class PairsConfig:
 
 @dataclass(frozen=True)
 class RewardConfig(TrainConfig):
+    batch_size: int = 8
+    lr: float = 3e-3
+    max_eval_sequences: int = 16
     center_rewards: float = 0.01  # coefficient of the mean-squared-reward penalty that keeps scores near 0; 0 = off
-    lora_top_layers: int = 0  # LoRA on the top N transformer layers only (backward stops there); 0 = all layers
+    lora_top_layers: int = 8  # LoRA on the top N transformer layers only (backward stops there); 0 = all layers
     score_batch_size: int = 16  # batch for scoring held-out pairs and for `RewardModel.score`
 
     def validate(self, section: str) -> None:
@@ -166,6 +177,7 @@ class PPOConfig:
     """Our PPO loop (persona/ppo); every knob of the algorithm is here, none in the code."""
     quant: Quant = "auto"
     precision: Precision = "auto"
+    optimizer: Optimizer = "auto"
     reference: Literal["sft", "base"] = "sft"  # KL anchor: a frozen copy of the SFT adapter, or adapters disabled
     max_steps: int = 12  # PPO iterations (rollout + update)
     rollout_batch_size: int = 8  # episodes per process per step
@@ -254,11 +266,25 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    """How the training stages (sft, reward, ppo) start: always through `accelerate launch`."""
+    processes: int = 1  # one per GPU (CPU-only: CPU processes over gloo); > 1 = data-parallel (DDP)
+    accelerate_config: str = ""  # accelerate config file (FSDP, DeepSpeed ZeRO, ...); "" = plain DDP
+
+    def validate(self, base_dir: Path) -> None:
+        _check(self.processes >= 1, "launch.processes", "must be >= 1")
+        if self.accelerate_config:
+            path = resolve_path(base_dir, self.accelerate_config)
+            _check(path.is_file(), "launch.accelerate_config", f"{path} does not exist")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -269,6 +295,7 @@ class Params:
         self.data.validate(base_dir)
         self.model.validate(base_dir)
         self.lora.validate()
+        self.launch.validate(base_dir)
         self.sft.validate("sft")
         self.pairs.validate()
         self.reward.validate("reward")

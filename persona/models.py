@@ -89,8 +89,29 @@ def materialize_base(name: str, out_dir: Path, base_dir: Path = Path("."), trust
 
 
 @dataclass(frozen=True)
+class Machine:
+    """What this machine offers; tests pass one in to check params against other hardware."""
+    gpus: int  # CUDA devices visible
+    bf16: bool  # native bf16 (compute capability >= 8.0: A100, H100, RTX 30xx+; not T4 / V100)
+    cpus: int
+
+    @classmethod
+    def detect(cls) -> Machine:
+        import os
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        # is_bf16_supported() says True on a T4 (bf16 emulated, far slower than fp16): ask for native.
+        bf16 = gpus > 0 and torch.cuda.is_bf16_supported(including_emulation=False)
+        return cls(gpus=gpus, bf16=bf16, cpus=len(os.sched_getaffinity(0)))
+
+    def describe(self) -> str:
+        if self.gpus:
+            return f"{self.gpus} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else f"{self.gpus} GPUs"
+        return f"CPU only, {self.cpus} cores"
+
+
+@dataclass(frozen=True)
 class Compute:
-    """What the machine will actually do for a requested quant/precision."""
+    """What the machine will actually do for a requested quant/precision/optimizer."""
     device: str  # cpu | cuda
     quant: str  # nf4 | none
     precision: str  # fp32 | fp16 | bf16
@@ -101,25 +122,39 @@ class Compute:
         return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
 
 
-def resolve_compute(quant: str, precision: str, section: str, cuda: bool | None = None,
-                    bf16_ok: bool | None = None) -> Compute:
+def resolve_compute(quant: str, precision: str, section: str, optimizer: str = "auto",
+                    machine: Machine | None = None) -> Compute:
     """Resolve `auto` and reject what this machine cannot honour, naming the param."""
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    if bf16_ok is None:
-        bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    machine = machine or Machine.detect()
+    cuda = machine.gpus > 0
     if precision == "auto":
-        precision = ("bf16" if bf16_ok else "fp16") if cuda else "fp32"
+        precision = ("bf16" if machine.bf16 else "fp16") if cuda else "fp32"
     if precision == "fp16" and not cuda:
         raise ConfigError(f"{section}.precision: fp16 needs a CUDA GPU (CPU fp16 training is not supported); use fp32")
-    if precision == "bf16" and not bf16_ok:
-        where = "this GPU has no bf16 (T4-class); use fp16" if cuda else "CPU bf16 is ~9x slower here; use fp32"
+    if precision == "bf16" and not machine.bf16:
+        where = "this GPU has no native bf16 (T4 / V100 class); use fp16" if cuda else \
+            "CPU bf16 is ~9x slower here; use fp32"
         raise ConfigError(f"{section}.precision: bf16 rejected: {where}")
     if quant == "auto":
         quant = "nf4" if cuda else "none"
-    if quant == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"{section}.quant: nf4 needs bitsandbytes (pip install bitsandbytes)")
-    optimizer = "paged_adamw_8bit" if cuda and quant == "nf4" else "adamw_torch"
+    if optimizer == "auto":
+        optimizer = "paged_adamw_8bit" if cuda and quant == "nf4" else "adamw_torch"
+    if optimizer.startswith("paged_") and not cuda:
+        raise ConfigError(f"{section}.optimizer: {optimizer} pages optimizer state through CUDA memory and this "
+                          "machine has no CUDA GPU; use adamw_torch or adamw_8bit")
+    needs_bnb = quant == "nf4" or optimizer.endswith("8bit") or optimizer.startswith("paged_")
+    if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+        key = "quant" if quant == "nf4" else "optimizer"
+        raise ConfigError(f"{section}.{key}: {quant if key == 'quant' else optimizer} needs bitsandbytes "
+                          "(pip install bitsandbytes)")
     return Compute("cuda" if cuda else "cpu", quant, precision, optimizer)
+
+
+def check_processes(processes: int, machine: Machine, compute: Compute) -> None:
+    """One process per GPU (or per CPU core): more would share a device and gain nothing."""
+    devices, kind = (machine.gpus, "CUDA GPUs") if compute.device == "cuda" else (machine.cpus, "CPU cores")
+    if processes > devices:
+        raise ConfigError(f"launch.processes: {processes} processes but this machine has {devices} {kind}")
 
 
 def load_for_training(base_path: Path, compute: Compute, gradient_checkpointing: bool = False,
@@ -138,6 +173,7 @@ def load_for_training(base_path: Path, compute: Compute, gradient_checkpointing:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32 if compute.device == "cpu" else compute.dtype)
+        # under DDP each process owns one GPU (accelerate sets it as current before the model loads)
         kwargs["device_map"] = {"": compute.device if compute.device == "cpu" else torch.cuda.current_device()}
     auto_class = AutoModelForSequenceClassification if scalar_head else AutoModelForCausalLM
     model = auto_class.from_pretrained(base_path, dtype=dtype, **kwargs)

@@ -23,12 +23,12 @@ import torch
 
 from persona.chat_format import encode_messages, messages_for
 from persona.config import ConfigError, Params
+from persona.distributed import watch_ranks
 from persona.likelihood import collate
 from persona.models import (load_for_training, lora_config, peak_memory_mb, resolve_compute,
                             trainable_parameters)
 from persona.pairs import STRATEGIES, read_pairs, words
-from persona.training import (LiveCurves, drop_finished_checkpoints, fingerprint, prepare_checkpoints,
-                              trl_config)
+from persona.training import LiveCurves, drop_finished_checkpoints, fingerprint, start_run, trl_config
 
 log = logging.getLogger(__name__)
 REWARD_INFO = "reward_info.json"  # held-out score mean/std, for PPO's reward normalisation
@@ -72,7 +72,8 @@ class RewardModel:
 
     @classmethod
     def load(cls, base_path: Path, adapter_path: Path, device: str | None = None, max_length: int = 1024,
-             batch_size: int = 16) -> "RewardModel":
+             batch_size: int = 16, dtype: torch.dtype = torch.float32) -> "RewardModel":
+        """`dtype` bf16 halves the frozen scorer's memory beside a PPO policy on a bf16 GPU."""
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -82,7 +83,7 @@ class RewardModel:
         tokenizer = AutoTokenizer.from_pretrained(base_path)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the head is "newly initialised" until the adapter loads it
-        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=dtype)
         hf_logging.set_verbosity(verbosity)
         model.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(model, str(adapter_path))
@@ -152,15 +153,20 @@ def held_out_metrics(model, tokenizer, pairs: list[dict], max_length: int, batch
 
 
 def train_reward(params: Params, pairs_dir: Path, base_path: Path, out_dir: Path, checkpoint_dir: Path,
-                 live_dir: Path, callbacks: tuple = ()) -> dict:
-    """The `reward` stage: train the reward LoRA + head on train pairs, test on held-out pairs."""
-    from dvclive import Live
+                 live_dir: Path | None, callbacks: tuple = ()) -> dict:
+    """The `reward` stage: train the reward LoRA + head on train pairs, test on held-out pairs.
+
+    Files are written by rank 0 only; `live_dir` None = no dvclive curves.
+    """
     from peft import get_peft_model
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     cfg = params.reward
-    compute = resolve_compute(cfg.quant, cfg.precision, "reward")
+    compute = resolve_compute(cfg.quant, cfg.precision, "reward", cfg.optimizer)
+    expected = fingerprint(cfg, [pairs_dir / "train.jsonl"], base_path, lora=asdict(params.lora),
+                           max_length=params.model.max_length, seed=params.seed)
+    state, resume, live = start_run(compute, checkpoint_dir, expected, live_dir)
     started = time.perf_counter()
     train_pairs, valid_pairs = read_pairs(pairs_dir / "train.jsonl"), read_pairs(pairs_dir / "valid.jsonl")
     set_seed(params.seed)  # the score head is initialised randomly
@@ -176,21 +182,19 @@ def train_reward(params: Params, pairs_dir: Path, base_path: Path, out_dir: Path
     eval_set = pair_rows(eval_pairs, tokenizer, params.model.max_length)
     before = held_out_metrics(model, tokenizer, valid_pairs, params.model.max_length, cfg.score_batch_size)
 
-    expected = fingerprint(cfg, [pairs_dir / "train.jsonl"], base_path, lora=asdict(params.lora),
-                           max_length=params.model.max_length, seed=params.seed)
-    resume = prepare_checkpoints(checkpoint_dir, expected)
-    live = Live(str(live_dir), resume=resume is not None, save_dvc_exp=False, dvcyaml=None)
     args = trl_config(RewardConfig, cfg, compute, checkpoint_dir, params.seed, max_length=params.model.max_length,
                       center_rewards_coefficient=cfg.center_rewards or None, disable_dropout=True)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, callbacks=[LiveCurves(live), *callbacks])
+    ranks = watch_ranks(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
-    drop_finished_checkpoints(checkpoint_dir)
     after = held_out_metrics(model, tokenizer, valid_pairs, params.model.max_length, cfg.score_batch_size)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / REWARD_INFO).write_text(json.dumps({"score_mean": after["score_mean"],
-                                                   "score_std": after["score_std"]}, indent=2))
+    if state.is_main_process:
+        drop_finished_checkpoints(checkpoint_dir)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        (out_dir / REWARD_INFO).write_text(json.dumps({"score_mean": after["score_mean"],
+                                                       "score_std": after["score_std"]}, indent=2))
     runtime = result.metrics["train_runtime"]
     tokens = sum(len(r) for column in ("chosen_ids", "rejected_ids") for r in train_set[column])
     epochs_run = trainer.state.global_step * cfg.batch_size * cfg.grad_accum / max(len(train_set), 1)
@@ -198,6 +202,7 @@ def train_reward(params: Params, pairs_dir: Path, base_path: Path, out_dir: Path
         **after, "untrained_accuracy": before["accuracy"],
         "untrained_accuracy_swap": before["accuracy_swap"],
         "quant": compute.quant, "precision": compute.precision, "device": compute.device,
+        "optimizer": compute.optimizer, **ranks.metrics(state.num_processes),
         "train_pairs": len(train_set), "steps": trainer.state.global_step,
         "train_loss": round(result.metrics["train_loss"], 4) if math.isfinite(result.metrics["train_loss"]) else None,
         "lora_top_layers": cfg.lora_top_layers, "trainable_params": trainable,

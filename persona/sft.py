@@ -15,10 +15,10 @@ from pathlib import Path
 from persona.chat_format import dialogue_examples
 from persona.config import Params
 from persona.data import Dialogue, read_dialogues
+from persona.distributed import watch_ranks
 from persona.likelihood import completion_nll
 from persona.models import load_for_training, lora_config, peak_memory_mb, resolve_compute, trainable_parameters
-from persona.training import (LiveCurves, drop_finished_checkpoints, fingerprint, prepare_checkpoints,
-                              trl_config)
+from persona.training import LiveCurves, drop_finished_checkpoints, fingerprint, start_run, trl_config
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +39,20 @@ def build_dataset(dialogues: list[Dialogue], tokenizer, layout: str, max_length:
 
 
 def train_sft(params: Params, prepared: Path, base_path: Path, out_dir: Path, checkpoint_dir: Path,
-              live_dir: Path, callbacks: tuple = ()) -> dict:
-    """The `sft` stage: train the LoRA adapter, save it, return the metrics."""
-    from dvclive import Live
+              live_dir: Path | None, callbacks: tuple = ()) -> dict:
+    """The `sft` stage: train the LoRA adapter, save it (rank 0), return the metrics.
+
+    `live_dir` None: no dvclive curves (the GPU check runs without dvc installed).
+    """
     from peft import get_peft_model
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     cfg = params.sft
-    compute = resolve_compute(cfg.quant, cfg.precision, "sft")
+    compute = resolve_compute(cfg.quant, cfg.precision, "sft", cfg.optimizer)
+    expected = fingerprint(cfg, [prepared / "train.jsonl"], base_path, lora=asdict(params.lora),
+                           max_length=params.model.max_length, seed=params.seed)
+    state, resume, live = start_run(compute, checkpoint_dir, expected, live_dir)
     set_seed(params.seed)
     started = time.perf_counter()
     model, tokenizer = load_for_training(base_path, compute, cfg.gradient_checkpointing)
@@ -61,21 +66,19 @@ def train_sft(params: Params, prepared: Path, base_path: Path, out_dir: Path, ch
 
     # LoRA's B matrix starts at zero, so before training this *is* the base model.
     base_nll, eval_tokens = completion_nll(model, eval_set, tokenizer.pad_token_id, cfg.batch_size)
-    expected = fingerprint(cfg, [prepared / "train.jsonl"], base_path, lora=asdict(params.lora),
-                           max_length=params.model.max_length, seed=params.seed)
-    resume = prepare_checkpoints(checkpoint_dir, expected)
-    live = Live(str(live_dir), resume=resume is not None, save_dvc_exp=False, dvcyaml=None)
     args = trl_config(SFTConfig, cfg, compute, checkpoint_dir, params.seed, max_length=params.model.max_length,
                       include_num_input_tokens_seen="non_padding", completion_only_loss=True,
                       train_sampling_strategy="group_by_length", remove_unused_columns=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set.remove_columns("responses"),
                          eval_dataset=eval_set.remove_columns("responses"), processing_class=tokenizer,
                          callbacks=[LiveCurves(live), *callbacks])
+    ranks = watch_ranks(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
-    drop_finished_checkpoints(checkpoint_dir)
     sft_nll, _ = completion_nll(model, eval_set, tokenizer.pad_token_id, cfg.batch_size)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    if state.is_main_process:
+        drop_finished_checkpoints(checkpoint_dir)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
     resumed_step = int(resume.rsplit("-", 1)[1]) if resume else 0
     steps = trainer.state.global_step
     seen = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
@@ -83,6 +86,7 @@ def train_sft(params: Params, prepared: Path, base_path: Path, out_dir: Path, ch
     responses_per_row = sum(train_set["responses"]) / max(len(train_set), 1)
     return {
         "layout": cfg.layout, "quant": compute.quant, "precision": compute.precision, "device": compute.device,
+        "optimizer": compute.optimizer, **ranks.metrics(state.num_processes),
         "train_sequences": len(train_set), "eval_sequences": len(eval_set), "eval_tokens": eval_tokens,
         "steps": steps, "resumed_from_step": resumed_step,
         "train_loss": round(result.metrics["train_loss"], 4),

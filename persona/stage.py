@@ -31,12 +31,19 @@ def start_logging() -> None:
 
 
 def write_metrics(name: str, metrics: dict) -> Path:
-    """metrics/<name>.json, flat and sorted so `dvc metrics diff` lines up across commits."""
-    METRICS_DIR.mkdir(exist_ok=True)
+    """metrics/<name>.json, flat and sorted so `dvc metrics diff` lines up across commits (rank 0 only)."""
     path = METRICS_DIR / f"{name}.json"
+    if not is_main_process():
+        return path
+    METRICS_DIR.mkdir(exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     logging.getLogger("persona").info("wrote %s: %s", path, json.dumps(metrics, sort_keys=True))
     return path
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched multi-process run, or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _report_user_errors(kind, error, trace):

@@ -1,7 +1,8 @@
-"""Plumbing shared by the TRL-trained stages (sft, reward): configs, checkpoints, curves.
+"""Plumbing shared by the training stages (sft, reward, ppo): configs, checkpoints, curves, optimizers.
 
-Kept apart from the stages so both train with the same precision rules, the same
-resume-or-wipe checkpoint policy and the same dvclive layout.
+Kept apart from the stages so all train with the same precision rules, the same
+resume-or-wipe checkpoint policy, the same dvclive layout and the same multi-process rules
+(rank 0 alone writes files).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from persona.config import TrainConfig
@@ -29,14 +31,15 @@ def fingerprint(train: TrainConfig, inputs: list[Path], base_path: Path, **setti
     return {"train": asdict(train), "inputs_sha256": digests, "base": base, **settings}
 
 
-def prepare_checkpoints(folder: Path, expected: dict) -> str | None:
-    """Return the checkpoint to resume from, wiping checkpoints of other inputs."""
+def prepare_checkpoints(folder: Path, expected: dict, writer: bool = True) -> str | None:
+    """Return the checkpoint to resume from, wiping checkpoints of other inputs (only if `writer`)."""
     stamp = folder / FINGERPRINT
-    if folder.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != expected):
+    if writer and folder.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != expected):
         log.info("checkpoints in %s are from other params or data: starting afresh", folder)
         shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(expected, indent=2))
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(expected, indent=2))
     checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     complete = [c for c in checkpoints if (c / "trainer_state.json").exists()]
     if complete:
@@ -51,6 +54,34 @@ def drop_finished_checkpoints(folder: Path) -> None:
         shutil.rmtree(finished)
 
 
+def start_run(compute: Compute, checkpoint_dir: Path, expected: dict, live_dir: Path | None):
+    """(process state, checkpoint to resume or None, dvclive logger or None) for a Trainer run.
+
+    Initialising accelerate's state first makes each process's GPU current before the model
+    loads (QLoRA places the 4-bit weights there). Rank 0 decides about old checkpoints while
+    the others wait, then they read the same answer; only rank 0 logs curves.
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=compute.device == "cpu")
+    with state.main_process_first():
+        resume = prepare_checkpoints(checkpoint_dir, expected, writer=state.is_main_process)
+    live = None
+    if live_dir is not None and state.is_main_process:
+        from dvclive import Live
+        live = Live(str(live_dir), resume=resume is not None, save_dvc_exp=False, dvcyaml=None)
+    return state, resume, live
+
+
+def build_optimizer(name: str, parameters, lr: float):
+    """The optimizer a `*.optimizer` param names (as resolved by `resolve_compute`), for our own loops."""
+    if name == "adamw_torch":
+        return torch.optim.AdamW(parameters, lr=lr)
+    import bitsandbytes as bnb
+    return {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name](parameters, lr=lr)
+
+
 class LiveCurves(TrainerCallback):
     """Trainer logs -> dvclive curves keyed by optimizer step (`train/loss`, `eval/loss`, ...).
 
@@ -62,7 +93,7 @@ class LiveCurves(TrainerCallback):
         self.live = live
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero:
+        if self.live is None or not state.is_world_process_zero:
             return
         self.live.step = state.global_step
         for key, value in (logs or {}).items():
@@ -72,7 +103,7 @@ class LiveCurves(TrainerCallback):
                 self.live.log_metric(f"{split}/{name}", value)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if self.live is not None and state.is_world_process_zero:
             self.live.end()
 
 
@@ -90,4 +121,6 @@ def trl_config(config_class, train: TrainConfig, compute: Compute, output_dir: P
         gradient_checkpointing=train.gradient_checkpointing,
         logging_steps=train.logging_steps, eval_strategy="steps", eval_steps=train.eval_steps,
         save_strategy="steps", save_steps=train.save_steps, save_total_limit=2,
-        report_to="none", disable_tqdm=False, dataloader_num_workers=0, **extra)
+        report_to="none", disable_tqdm=False, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass
+        **extra)

@@ -1,4 +1,4 @@
-"""SFT on the tiny random model: metrics, resume after an interruption, QLoRA (nf4) on CPU, precision rules."""
+"""SFT on the tiny random model: metrics, resume after an interruption, QLoRA (nf4) on CPU."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from persona.config import ConfigError
 from persona.data import prepare
-from persona.models import resolve_compute
 from persona.sft import train_sft
 from tests.conftest import params_with
 
@@ -91,24 +89,6 @@ def test_turn_layout_trains_one_response_per_sequence(prepared, tiny_model_dir, 
                   tmp_path)
     conversation = run(params_with(sft={**TINY_SFT, "max_steps": 1}), prepared, tiny_model_dir, tmp_path / "c")
     assert metrics["layout"] == "turn" and metrics["train_sequences"] > 5 * conversation["train_sequences"]
-
-
-@pytest.mark.parametrize("quant,precision,cuda,bf16_ok,expected", [
-    ("auto", "auto", False, False, ("cpu", "none", "fp32", "adamw_torch")),
-    ("auto", "auto", True, False, ("cuda", "nf4", "fp16", "paged_adamw_8bit")),  # T4
-    ("auto", "auto", True, True, ("cuda", "nf4", "bf16", "paged_adamw_8bit")),  # A100 / H100
-    ("none", "fp32", True, True, ("cuda", "none", "fp32", "adamw_torch")),
-])
-def test_compute_resolution(quant, precision, cuda, bf16_ok, expected):
-    compute = resolve_compute(quant, precision, "sft", cuda=cuda, bf16_ok=bf16_ok)
-    assert (compute.device, compute.quant, compute.precision, compute.optimizer) == expected
-
-
-@pytest.mark.parametrize("precision,cuda,bf16_ok", [("fp16", False, False), ("bf16", True, False),
-                                                    ("bf16", False, False)])
-def test_impossible_precision_is_rejected_naming_the_key(precision, cuda, bf16_ok):
-    with pytest.raises(ConfigError, match=r"sft\.precision"):
-        resolve_compute("auto", precision, "sft", cuda=cuda, bf16_ok=bf16_ok)
 
 
 def test_gradient_checkpointing_trains(prepared, tiny_model_dir, tmp_path):

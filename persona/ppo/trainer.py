@@ -13,6 +13,7 @@ seeded from (seed, step, process), so a resumed run replays exactly what the kil
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from persona import metrics as M
 from persona.config import Params, PPOConfig
 from persona.data import read_dialogues
+from persona.distributed import agreement, not_checked
 from persona.generation import Decoding
 from persona.models import load_for_training, peak_memory_mb, resolve_compute
 from persona.ppo.advantages import gae, token_rewards, whiten
@@ -37,7 +39,7 @@ from persona.ppo.losses import entropy, policy_loss, value_loss
 from persona.ppo.rollout import (Episode, Packed, episodes, pack, response_logits, rollout, sample_order,
                                  token_logprobs)
 from persona.reward import REWARD_INFO, RewardModel
-from persona.training import fingerprint
+from persona.training import build_optimizer, fingerprint
 
 log = logging.getLogger(__name__)
 TRAINABLE, REFERENCE = "default", "reference"  # adapter names; the trainable one saves at the folder's root
@@ -232,13 +234,13 @@ def load_state(folder: Path, expected: dict) -> dict | None:
 
 
 def train_ppo(params: Params, prepared: Path, base_path: Path, sft_path: Path, reward_path: Path, out_dir: Path,
-              checkpoint_dir: Path, live_dir: Path, stop_after: int | None = None) -> dict:
-    """The `ppo` stage. `stop_after` ends the run early after that step (for tests of resuming)."""
+              checkpoint_dir: Path, live_dir: Path | None, stop_after: int | None = None) -> dict:
+    """The `ppo` stage. `stop_after` ends the run early after that step (for tests of resuming);
+    `live_dir` None = no dvclive curves."""
     from accelerate import Accelerator
-    from dvclive import Live
 
     cfg = params.ppo
-    compute = resolve_compute(cfg.quant, cfg.precision, "ppo")
+    compute = resolve_compute(cfg.quant, cfg.precision, "ppo", cfg.optimizer)
     accelerator = Accelerator(cpu=compute.device == "cpu",
                               mixed_precision={"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[compute.precision])
     started = time.perf_counter()
@@ -249,11 +251,11 @@ def train_ppo(params: Params, prepared: Path, base_path: Path, sft_path: Path, r
         raise ValueError(f"ppo.rollout_batch_size: only {len(train_episodes)} training episodes")
     reward_stats = json.loads((reward_path / REWARD_INFO).read_text()) if cfg.normalize_reward else None
     reward_model = RewardModel.load(base_path, reward_path, str(accelerator.device), params.model.max_length,
-                                    cfg.batch_size)
+                                    cfg.batch_size, torch.bfloat16 if compute.precision == "bf16" else torch.float32)
     policy, tokenizer = load_policy(base_path, sft_path, cfg, compute)
     module = PolicyWithValue(policy, policy.config.hidden_size).to(accelerator.device)
     sft_rewards, _ = held_out_reward(policy, tokenizer, reward_model, eval_prompts, cfg, params.seed, accelerator)
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = build_optimizer(compute.optimizer, [p for p in module.parameters() if p.requires_grad], cfg.lr)
     controller = kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     expected = fingerprint(cfg, [prepared / "train.jsonl", sft_path / "adapter_model.safetensors",
@@ -270,9 +272,11 @@ def train_ppo(params: Params, prepared: Path, base_path: Path, sft_path: Path, r
     module, optimizer = accelerator.prepare(module, optimizer)
     unwrapped = accelerator.unwrap_model(module)
 
-    live = Live(str(live_dir), resume=first_step > 0, save_dvc_exp=False, dvcyaml=None) \
-        if accelerator.is_main_process else None
-    stopped, skipped, last, steps_done = "", 0, {}, first_step
+    live = None
+    if live_dir is not None and accelerator.is_main_process:
+        from dvclive import Live
+        live = Live(str(live_dir), resume=first_step > 0, save_dvc_exp=False, dvcyaml=None)
+    stopped, skipped, last, steps_done, ranks = "", 0, {}, first_step, None
     for step in tqdm(range(first_step, cfg.max_steps), desc="ppo", disable=not accelerator.is_main_process):
         step_seed = seed_step(params.seed, step, accelerator.process_index)
         batch = [train_episodes[i] for i in episode_indices(len(train_episodes), step, cfg.rollout_batch_size,
@@ -280,6 +284,9 @@ def train_ppo(params: Params, prepared: Path, base_path: Path, sft_path: Path, r
                                                              params.seed)]
         last = ppo_step(accelerator, module, optimizer, tokenizer, reward_model, batch, cfg, controller,
                         reward_stats, step_seed)
+        if ranks is None:  # the first update of this run: did every process end with the same weights?
+            ranks = agreement((p for p in unwrapped.parameters() if p.requires_grad),
+                              hashlib.sha256(repr(batch).encode()).hexdigest())
         steps_done = step + 1
         skipped += int(last["skipped"])
         if live:
@@ -313,7 +320,8 @@ def train_ppo(params: Params, prepared: Path, base_path: Path, sft_path: Path, r
     summary = M.summarize(gain, params.seed, 1000) if gain else {}
     return {
         "steps": steps_done, "resumed_from_step": first_step,
-        "stopped": stopped or None, "skipped_updates": skipped, "processes": accelerator.num_processes,
+        "stopped": stopped or None, "skipped_updates": skipped,
+        **(ranks or not_checked(accelerator.num_processes)),
         "eval_prompts": len(eval_prompts),
         "sft_reward": round(float(np.mean(sft_rewards)), 4) if sft_rewards else None,
         "ppo_reward": round(float(np.mean(ppo_rewards)), 4),
@@ -323,6 +331,6 @@ def train_ppo(params: Params, prepared: Path, base_path: Path, sft_path: Path, r
         "final_train_reward": round(last.get("reward", float("nan")), 4),
         "rollout_tokens_per_s": round(last.get("rollout_tokens_per_s", float("nan")), 1),
         "quant": compute.quant, "precision": compute.precision, "device": compute.device,
-        "reference": cfg.reference, "turns": cfg.turns,
+        "optimizer": compute.optimizer, "reference": cfg.reference, "turns": cfg.turns,
         "wall_s": round(time.perf_counter() - started, 1), "peak_memory_mb": round(peak_memory_mb(compute.device), 1),
     }

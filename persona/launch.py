@@ -1,0 +1,77 @@
+"""Start a training stage under `accelerate launch`, after checking params against this machine.
+
+DVC runs `python -m persona.launch stages.sft` (likewise reward, ppo). This module reads the
+`launch` params, checks the stage's quant/precision/optimizer and the process count against
+the hardware (bf16 on a T4, fp16 on a CPU, a paged optimizer without CUDA, more processes than
+GPUs all fail here, in a second, before a model loads), then runs accelerate's launcher with
+explicit flags, so no `accelerate config` default file on the machine changes what a run does.
+
+One process is the plain case; N > 1 is DDP (`--multi_gpu`, which on a CPU-only machine runs
+N CPU processes over gloo; `accelerate launch --cpu` would start only one). A
+`launch.accelerate_config` file (FSDP, DeepSpeed ZeRO, ...) replaces the DDP flags; the process
+count and mixed precision still come from params.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from persona import stage
+from persona.config import LaunchConfig, Params, resolve_path
+from persona.models import Compute, Machine, check_processes, resolve_compute
+
+log = logging.getLogger(__name__)
+STAGES = {"stages.sft": "sft", "stages.reward": "reward", "stages.ppo": "ppo"}  # module -> params section
+MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+
+
+def check_machine(params: Params, section: str, machine: Machine) -> Compute:
+    """What `section` will run as on `machine`; ConfigError naming the param if it cannot."""
+    cfg = getattr(params, section)
+    compute = resolve_compute(cfg.quant, cfg.precision, section, cfg.optimizer, machine)
+    check_processes(params.launch.processes, machine, compute)
+    return compute
+
+
+def accelerate_command(launch: LaunchConfig, module: str, compute: Compute, machine: Machine,
+                       base_dir: Path = Path(".")) -> list[str]:
+    """The full `accelerate launch` command line for one stage module."""
+    n = launch.processes
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if launch.accelerate_config:
+        command += ["--config_file", str(resolve_path(base_dir, launch.accelerate_config))]
+    elif n > 1:
+        command += ["--multi_gpu"]
+    command += ["--num_processes", str(n), "--num_machines", "1",
+                "--mixed_precision", MIXED_PRECISION[compute.precision], "--dynamo_backend", "no"]
+    if compute.device == "cpu":  # split the cores; torch would give every process all of them
+        command += ["--num_cpu_threads_per_process", str(max(1, machine.cpus // n))]
+    if n > 1:  # a free port: two runs on one machine (or a test beside a run) must not collide
+        command += ["--main_process_port", str(free_port())]
+    return command + ["-m", module]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in STAGES:
+        raise SystemExit(f"usage: python -m persona.launch {{{','.join(STAGES)}}}")
+    module = argv[0]
+    params = stage.start()
+    machine = Machine.detect()
+    compute = check_machine(params, STAGES[module], machine)
+    command = accelerate_command(params.launch, module, compute, machine)
+    log.info("%s on %s: %s", STAGES[module], machine.describe(), shlex.join(command))
+    return subprocess.call(command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))  # a ConfigError prints one line and exits 2 (stage.start's hook)

@@ -1,0 +1,118 @@
+"""Params against hardware, the accelerate command line, and the rank-agreement check of DDP runs."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from persona.config import ConfigError, LaunchConfig
+from persona.launch import accelerate_command, check_machine
+from persona.models import Compute, Machine, resolve_compute
+from tests.conftest import REPO, params_with
+
+CPU = Machine(gpus=0, bf16=False, cpus=2)
+T4x2 = Machine(gpus=2, bf16=False, cpus=4)
+H100 = Machine(gpus=1, bf16=True, cpus=16)
+
+
+@pytest.mark.parametrize("quant,precision,optimizer,machine,expected", [
+    ("auto", "auto", "auto", CPU, ("cpu", "none", "fp32", "adamw_torch")),
+    ("auto", "auto", "auto", T4x2, ("cuda", "nf4", "fp16", "paged_adamw_8bit")),
+    ("auto", "auto", "auto", H100, ("cuda", "nf4", "bf16", "paged_adamw_8bit")),
+    ("none", "fp32", "auto", H100, ("cuda", "none", "fp32", "adamw_torch")),
+    ("nf4", "fp32", "adamw_8bit", CPU, ("cpu", "nf4", "fp32", "adamw_8bit")),
+])
+def test_compute_resolution(quant, precision, optimizer, machine, expected):
+    compute = resolve_compute(quant, precision, "sft", optimizer, machine)
+    assert (compute.device, compute.quant, compute.precision, compute.optimizer) == expected
+
+
+@pytest.mark.parametrize("section,changes,machine,key", [
+    ("sft", {"sft": {"precision": "bf16"}}, T4x2, "sft.precision"),  # T4 has no native bf16
+    ("ppo", {"ppo": {"precision": "fp16"}}, CPU, "ppo.precision"),
+    ("reward", {"reward": {"precision": "bf16"}}, CPU, "reward.precision"),
+    ("sft", {"sft": {"optimizer": "paged_adamw_8bit"}}, CPU, "sft.optimizer"),
+    ("sft", {"launch": LaunchConfig(processes=3)}, T4x2, "launch.processes"),
+    ("ppo", {"launch": LaunchConfig(processes=3)}, CPU, "launch.processes"),
+])
+def test_impossible_combinations_are_rejected_naming_the_key(section, changes, machine, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_machine(params_with(**changes), section, machine)
+
+
+def test_possible_combinations_pass():
+    assert check_machine(params_with(launch=LaunchConfig(processes=2)), "sft", T4x2).precision == "fp16"
+    assert check_machine(params_with(launch=LaunchConfig(processes=2)), "ppo", CPU).device == "cpu"
+
+
+def test_accelerate_command_lines(tmp_path):
+    fp32 = Compute("cpu", "none", "fp32", "adamw_torch")
+    one = accelerate_command(LaunchConfig(), "stages.sft", fp32, CPU)
+    assert one[1:3] == ["-m", "accelerate.commands.launch"] and one[-2:] == ["-m", "stages.sft"]
+    assert "--multi_gpu" not in one and "--main_process_port" not in one
+    assert flag(one, "--num_processes") == "1" and flag(one, "--mixed_precision") == "no"
+    assert flag(one, "--num_cpu_threads_per_process") == "2"
+
+    two = accelerate_command(LaunchConfig(processes=2), "stages.ppo", fp32, CPU)
+    assert "--multi_gpu" in two and flag(two, "--num_processes") == "2"
+    assert flag(two, "--num_cpu_threads_per_process") == "1" and int(flag(two, "--main_process_port")) > 0
+
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("distributed_type: FSDP\n")
+    fp16 = Compute("cuda", "nf4", "fp16", "paged_adamw_8bit")
+    fsdp = accelerate_command(LaunchConfig(processes=2, accelerate_config="fsdp.yaml"), "stages.sft", fp16, T4x2,
+                              tmp_path)
+    assert flag(fsdp, "--config_file") == str(config) and "--multi_gpu" not in fsdp
+    assert flag(fsdp, "--mixed_precision") == "fp16" and "--num_cpu_threads_per_process" not in fsdp
+
+
+def flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+@pytest.mark.parametrize("changes,key", [({"sft": {"precision": "fp16"}}, "sft.precision"),
+                                         ({"launch": {"processes": 64}}, "launch.processes"),
+                                         ({"launch": {"accelerate_config": "nowhere.yaml"}}, "launch.accelerate_config")])
+def test_launcher_refuses_before_any_work(tmp_path, changes, key):
+    """The DVC command fails in seconds, with the key named, before a model or a file is touched."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(REPO / "data" / "sample", tmp_path / "data" / "sample")
+    done = subprocess.run([sys.executable, "-m", "persona.launch", "stages.sft"], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.returncode == 2 and f"error: {key}" in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]
+
+
+def _agreement_worker(rank: int, port: int, same_weights: bool, results) -> None:
+    import torch.distributed as dist
+
+    from persona.distributed import agreement
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    weights = [torch.ones(3) if same_weights else torch.full((3,), float(rank))]
+    try:
+        results[rank] = agreement(weights, f"batch-{rank}")
+    except RuntimeError as error:
+        results[rank] = str(error)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("same_weights", [True, False])
+def test_rank_agreement_catches_processes_that_train_apart(same_weights):
+    from persona.launch import free_port
+    with torch.multiprocessing.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.spawn(_agreement_worker, args=(free_port(), same_weights, results), nprocs=2)
+        results = dict(results)
+    if same_weights:
+        assert results[0] == results[1] == {"processes": 2, "ranks_in_sync": True, "ranks_distinct_batches": True}
+    else:
+        assert all("different weights" in results[rank] for rank in (0, 1))
