@@ -1,7 +1,8 @@
-"""Command line: `python -m persona {evaluate,chat,web,export}`.
+"""Command line: `python -m persona {profile,evaluate,chat,web,export}`.
 
-evaluate: the evaluate stage, usable outside DVC. chat: a terminal chat with any policy the
-pipeline produced. web: the Gradio demo. export: merge an adapter into a plain checkpoint.
+profile: apply a ready parameter set (profiles/) to params.yaml. evaluate: the evaluate stage,
+usable outside DVC. chat: a terminal chat with any policy the pipeline produced. web: the
+Gradio demo. export: merge an adapter into a plain checkpoint.
 """
 from __future__ import annotations
 
@@ -27,6 +28,28 @@ def dialogues_for(data: str, split: str, params) -> list:
         return dialogues
     splits, _ = split_by_persona(dialogues, params.data.valid_fraction, params.data.test_fraction, params.seed)
     return splits[split]
+
+
+def profile_command(args) -> None:
+    from persona.launch import STAGES, check_machine
+    from persona.models import Machine
+    from persona.profiles import apply_profile, available
+
+    stage.start_logging()
+    if not args.name:
+        print("profiles:", ", ".join(available()))
+        return
+    changes = apply_profile(args.name, Path(args.params))
+    print(f"{args.params}: profile {args.name}, {len(changes)} values changed")
+    for change in changes:
+        print(f"  {change}")
+    params = stage.start(args.params)
+    machine = Machine.detect()
+    for section in STAGES.values():  # say now, not when `dvc repro` reaches the stage
+        try:
+            check_machine(params, section, machine)
+        except ConfigError as error:
+            print(f"warning: this machine ({machine.describe()}) cannot run it as is: {error}")
 
 
 def evaluate_command(args) -> None:
@@ -92,6 +115,11 @@ def add_decoding(parser) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m persona")
     commands = parser.add_subparsers(dest="command", required=True)
+    profile = commands.add_parser("profile", help="apply a parameter profile (profiles/NAME.yaml) to params.yaml")
+    profile.add_argument("name", nargs="?", help="kaggle-2xt4, gpu-24gb, a100-80gb, cpu-quick; none = list them")
+    profile.add_argument("--params", default="params.yaml")
+    profile.set_defaults(run=profile_command)
+
     ev = commands.add_parser("evaluate", help="evaluate policies on held-out personas")
     ev.add_argument("--data", default="data/prepared",
                     help="a prepared folder ({split}.jsonl), an SPC CSV file, or a folder of SPC CSVs")

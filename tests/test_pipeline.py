@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+import torch
 
+from persona.profiles import set_values
 from tests.conftest import REPO
 
 TINY = {"max_steps": 2, "batch_size": 2, "save_steps": 1, "eval_steps": 1, "logging_steps": 1,
@@ -34,16 +35,16 @@ def sh(*args: str, cwd: Path) -> str:
 
 
 def set_params(root: Path, **sections) -> None:
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in sections.items():
-        params[section].update(values) if isinstance(values, dict) else params.__setitem__(section, values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    """Edit params.yaml in place (comments kept), as `python -m persona profile` does."""
+    path = root / "params.yaml"
+    leaves = {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+    path.write_text(set_values(path.read_text(), leaves, path)[0])
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir) -> Path:
     root = tmp_path_factory.mktemp("project")
-    for item in ("persona", "stages", "data/sample", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore",
+    for item in ("persona", "stages", "profiles", "data/sample", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore",
                  ".gitignore"):
         source, target = REPO / item, root / item
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,18 @@ def test_second_repro_is_a_no_op(project):
     assert "Running stage" not in out
 
 
+def test_a_fresh_clone_pulls_instead_of_rerunning(project, tmp_path):
+    """Results kept between machines: git (dvc.lock, metrics) + a DVC remote (models, data) is all it takes."""
+    sh("dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=project)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=project)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "outputs", cwd=project)
+    sh("dvc", "push", cwd=project)
+    sh("git", "clone", "-q", str(project), str(tmp_path / "clone"), cwd=tmp_path)
+    sh("dvc", "pull", cwd=tmp_path / "clone")
+    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=tmp_path / "clone")
+    assert (tmp_path / "clone" / "models" / "ppo" / "adapter_model.safetensors").exists()
+
+
 def change_param(project: Path, **sections) -> set[str]:
     """Commit the current outputs, change params; the stages `dvc status` then reports as changed."""
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=project)
@@ -113,9 +126,37 @@ def test_reward_param_change_reruns_only_reward_and_what_follows(project):
     assert all(f"Running stage '{s}'" not in out for s in ("prepare", "base", "sft", "pairs"))
 
 
-def test_ppo_runs_as_two_process_ddp_on_cpu(project):
-    """`accelerate launch --cpu` starts one process here; --multi_gpu with Accelerator(cpu=True) starts two."""
-    sh("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-       "--mixed_precision", "no", "--main_process_port", "29533", "-m", "stages.ppo", cwd=project)
-    ppo = json.loads((project / "metrics" / "ppo.json").read_text())
-    assert ppo["processes"] == 2 and ppo["steps"] == 2 and ppo["eval_prompts"] == 4
+@pytest.mark.parametrize("profile", ["kaggle-2xt4", "gpu-24gb", "a100-80gb", "cpu-quick"])
+def test_each_profile_gives_a_valid_dvc_pipeline(project, profile):
+    """`python -m persona profile NAME` then `dvc repro --dry`: every stage's command, nothing run."""
+    tiny = (project / "params.yaml").read_text()
+    try:
+        assert f"profile {profile}" in sh("python", "-m", "persona", "profile", profile, cwd=project)
+        dry = sh("dvc", "repro", "--dry", cwd=project)
+    finally:
+        (project / "params.yaml").write_text(tiny)
+    for stage in ("sft", "reward", "ppo"):
+        assert f"> python -m persona.launch stages.{stage}" in dry
+    if profile != "cpu-quick":  # a new base model: everything from `base` on must rerun
+        assert all(f"Running stage '{s}'" in dry for s in ("base", "sft", "pairs", "reward", "ppo", "evaluate"))
+
+
+def test_training_stages_run_as_two_process_ddp_on_cpu(project, tiny_model_dir):
+    """launch.processes 2: sft, reward and ppo rerun under accelerate as 2 CPU processes (gloo DDP).
+
+    Real DDP: each process trained on other data, yet both held identical weights after a step.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert change_param(project, launch={"processes": 2}) == {"sft", "reward", "ppo"}
+    sh("dvc", "repro", cwd=project)
+    for name in ("sft", "reward", "ppo"):
+        metrics = json.loads((project / "metrics" / f"{name}.json").read_text())
+        assert (metrics["processes"], metrics["ranks_in_sync"], metrics["ranks_distinct_batches"]) == (2, True, True)
+    sft = json.loads((project / "metrics" / "sft.json").read_text())
+    assert sft["steps"] == 2 and sft["eval_nll"] < sft["base_eval_nll"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), project / "models" / "sft")
+    trained = [w for name, w in model.named_parameters() if "lora_B" in name]
+    assert trained and all(w.abs().sum() > 0 for w in trained)
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
