@@ -42,6 +42,17 @@ def agreement(trainable: Iterable[torch.Tensor], batch_digest: str) -> dict:
     return {"processes": len(everyone), "ranks_in_sync": True, "ranks_distinct_batches": len(batches) == len(everyone)}
 
 
+def check_world_size(expected: int, actual: int) -> None:
+    """The run must have the processes params asked for: an accelerate config can quietly give fewer
+    (distributed_type MULTI_CPU on one machine starts one process), and the metrics would then
+    describe a run other than the one params record."""
+    from persona.config import ConfigError
+    if actual != expected:
+        raise ConfigError(f"launch.processes: {expected} asked for, but this run has {actual} process(es); "
+                          "start training stages with `python -m persona.launch stages.NAME` (dvc repro does), "
+                          "and check launch.accelerate_config")
+
+
 def not_checked(processes: int) -> dict:
     """The metrics of `agreement` when there was nothing to compare (or no step was taken)."""
     return {"processes": processes, "ranks_in_sync": None, "ranks_distinct_batches": None}

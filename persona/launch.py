@@ -26,7 +26,6 @@ from persona.models import Compute, Machine, check_processes, resolve_compute
 
 log = logging.getLogger(__name__)
 STAGES = {"stages.sft": "sft", "stages.reward": "reward", "stages.ppo": "ppo"}  # module -> params section
-MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 
 
 def check_machine(params: Params, section: str, machine: Machine) -> Compute:
@@ -47,7 +46,7 @@ def accelerate_command(launch: LaunchConfig, module: str, compute: Compute, mach
     elif n > 1:
         command += ["--multi_gpu"]
     command += ["--num_processes", str(n), "--num_machines", "1",
-                "--mixed_precision", MIXED_PRECISION[compute.precision], "--dynamo_backend", "no"]
+                "--mixed_precision", compute.mixed_precision, "--dynamo_backend", "no"]
     if compute.device == "cpu":  # split the cores; torch would give every process all of them
         command += ["--num_cpu_threads_per_process", str(max(1, machine.cpus // n))]
     if n > 1:  # a free port: two runs on one machine (or a test beside a run) must not collide

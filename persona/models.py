@@ -121,6 +121,11 @@ class Compute:
     def dtype(self) -> torch.dtype:
         return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
 
+    @property
+    def mixed_precision(self) -> str:
+        """accelerate's name for the precision (`--mixed_precision`, `Accelerator(mixed_precision=...)`)."""
+        return {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[self.precision]
+
 
 def resolve_compute(quant: str, precision: str, section: str, optimizer: str = "auto",
                     machine: Machine | None = None) -> Compute:

@@ -166,7 +166,7 @@ def train_reward(params: Params, pairs_dir: Path, base_path: Path, out_dir: Path
     compute = resolve_compute(cfg.quant, cfg.precision, "reward", cfg.optimizer)
     expected = fingerprint(cfg, [pairs_dir / "train.jsonl"], base_path, lora=asdict(params.lora),
                            max_length=params.model.max_length, seed=params.seed)
-    state, resume, live = start_run(compute, checkpoint_dir, expected, live_dir)
+    state, resume, live = start_run(compute, params.launch.processes, checkpoint_dir, expected, live_dir)
     started = time.perf_counter()
     train_pairs, valid_pairs = read_pairs(pairs_dir / "train.jsonl"), read_pairs(pairs_dir / "valid.jsonl")
     set_seed(params.seed)  # the score head is initialised randomly

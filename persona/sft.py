@@ -52,7 +52,7 @@ def train_sft(params: Params, prepared: Path, base_path: Path, out_dir: Path, ch
     compute = resolve_compute(cfg.quant, cfg.precision, "sft", cfg.optimizer)
     expected = fingerprint(cfg, [prepared / "train.jsonl"], base_path, lora=asdict(params.lora),
                            max_length=params.model.max_length, seed=params.seed)
-    state, resume, live = start_run(compute, checkpoint_dir, expected, live_dir)
+    state, resume, live = start_run(compute, params.launch.processes, checkpoint_dir, expected, live_dir)
     set_seed(params.seed)
     started = time.perf_counter()
     model, tokenizer = load_for_training(base_path, compute, cfg.gradient_checkpointing)

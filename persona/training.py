@@ -17,6 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from persona.config import TrainConfig
+from persona.distributed import check_world_size
 from persona.models import BASE_INFO, Compute
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,9 @@ def drop_finished_checkpoints(folder: Path) -> None:
         shutil.rmtree(finished)
 
 
-def start_run(compute: Compute, checkpoint_dir: Path, expected: dict, live_dir: Path | None):
-    """(process state, checkpoint to resume or None, dvclive logger or None) for a Trainer run.
+def start_run(compute: Compute, processes: int, checkpoint_dir: Path, expected: dict, live_dir: Path | None):
+    """(process state, checkpoint to resume or None, dvclive logger or None) for a Trainer run of
+    `processes` processes (`launch.processes`).
 
     Initialising accelerate's state first makes each process's GPU current before the model
     loads (QLoRA places the 4-bit weights there). Rank 0 decides about old checkpoints while
@@ -64,6 +66,7 @@ def start_run(compute: Compute, checkpoint_dir: Path, expected: dict, live_dir: 
     from accelerate import PartialState
 
     state = PartialState(cpu=compute.device == "cpu")
+    check_world_size(processes, state.num_processes)
     with state.main_process_first():
         resume = prepare_checkpoints(checkpoint_dir, expected, writer=state.is_main_process)
     live = None

@@ -116,3 +116,10 @@ def test_rank_agreement_catches_processes_that_train_apart(same_weights):
         assert results[0] == results[1] == {"processes": 2, "ranks_in_sync": True, "ranks_distinct_batches": True}
     else:
         assert all("different weights" in results[rank] for rank in (0, 1))
+
+
+def test_a_run_with_other_than_the_asked_processes_stops():
+    from persona.distributed import check_world_size
+    check_world_size(2, 2)
+    with pytest.raises(ConfigError, match=r"launch\.processes: 2 asked for, but this run has 1 process"):
+        check_world_size(2, 1)

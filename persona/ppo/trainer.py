@@ -30,7 +30,7 @@ from tqdm import tqdm
 from persona import metrics as M
 from persona.config import Params, PPOConfig
 from persona.data import read_dialogues
-from persona.distributed import agreement, not_checked
+from persona.distributed import agreement, check_world_size, not_checked
 from persona.generation import Decoding
 from persona.models import load_for_training, peak_memory_mb, resolve_compute
 from persona.ppo.advantages import gae, token_rewards, whiten
@@ -242,7 +242,8 @@ def train_ppo(params: Params, prepared: Path, base_path: Path, sft_path: Path, r
     cfg = params.ppo
     compute = resolve_compute(cfg.quant, cfg.precision, "ppo", cfg.optimizer)
     accelerator = Accelerator(cpu=compute.device == "cpu",
-                              mixed_precision={"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[compute.precision])
+                              mixed_precision=compute.mixed_precision)
+    check_world_size(params.launch.processes, accelerator.num_processes)
     started = time.perf_counter()
     train_episodes = episodes(read_dialogues(prepared / "train.jsonl"), cfg.turns, cfg.max_history_turns)
     eval_prompts = episodes(read_dialogues(prepared / "valid.jsonl"), 1, cfg.max_history_turns)
