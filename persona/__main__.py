@@ -39,11 +39,10 @@ def profile_command(args) -> None:
     if not args.name:
         print("profiles:", ", ".join(available()))
         return
-    changes = apply_profile(args.name, Path(args.params))
+    params, changes = apply_profile(args.name, Path(args.params))
     print(f"{args.params}: profile {args.name}, {len(changes)} values changed")
     for change in changes:
         print(f"  {change}")
-    params = stage.start(args.params)
     machine = Machine.detect()
     for section in STAGES.values():  # say now, not when `dvc repro` reaches the stage
         try:

@@ -4,7 +4,8 @@ DVC runs `python -m persona.launch stages.sft` (likewise reward, ppo). This modu
 `launch` params, checks the stage's quant/precision/optimizer and the process count against
 the hardware (bf16 on a T4, fp16 on a CPU, a paged optimizer without CUDA, more processes than
 GPUs all fail here, in a second, before a model loads), then runs accelerate's launcher with
-explicit flags, so no `accelerate config` default file on the machine changes what a run does.
+explicit flags and a config file of its own, so an `accelerate config` default file left on the
+machine does not change what a run does.
 
 One process is the plain case; N > 1 is DDP (`--multi_gpu`, which on a CPU-only machine runs
 N CPU processes over gloo; `accelerate launch --cpu` would start only one). A
@@ -18,6 +19,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from persona import stage
@@ -36,14 +38,23 @@ def check_machine(params: Params, section: str, machine: Machine) -> Compute:
     return compute
 
 
-def accelerate_command(launch: LaunchConfig, module: str, compute: Compute, machine: Machine,
-                       base_dir: Path = Path(".")) -> list[str]:
-    """The full `accelerate launch` command line for one stage module."""
-    n = launch.processes
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
+def config_file(launch: LaunchConfig, base_dir: Path, scratch: Path) -> Path:
+    """`launch.accelerate_config`, or else a neutral one written into `scratch`: with no
+    --config_file, accelerate reads the machine's `accelerate config` default file, and a DeepSpeed
+    or FSDP setup left there would silently change the run."""
     if launch.accelerate_config:
-        command += ["--config_file", str(resolve_path(base_dir, launch.accelerate_config))]
-    elif n > 1:
+        return resolve_path(base_dir, launch.accelerate_config)
+    neutral = scratch / "accelerate.yaml"
+    neutral.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\n")
+    return neutral
+
+
+def accelerate_command(launch: LaunchConfig, module: str, compute: Compute, machine: Machine,
+                       config: Path) -> list[str]:
+    """The full `accelerate launch` command line for one stage module (`config`: see `config_file`)."""
+    n = launch.processes
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    if n > 1 and not launch.accelerate_config:
         command += ["--multi_gpu"]
     command += ["--num_processes", str(n), "--num_machines", "1",
                 "--mixed_precision", compute.mixed_precision, "--dynamo_backend", "no"]
@@ -67,9 +78,11 @@ def main(argv: list[str]) -> int:
     params = stage.start()
     machine = Machine.detect()
     compute = check_machine(params, STAGES[module], machine)
-    command = accelerate_command(params.launch, module, compute, machine)
-    log.info("%s on %s: %s", STAGES[module], machine.describe(), shlex.join(command))
-    return subprocess.call(command)
+    with tempfile.TemporaryDirectory() as scratch:
+        config = config_file(params.launch, Path("."), Path(scratch))
+        command = accelerate_command(params.launch, module, compute, machine, config)
+        log.info("%s on %s: %s", STAGES[module], machine.describe(), shlex.join(command))
+        return subprocess.call(command)
 
 
 if __name__ == "__main__":

@@ -147,11 +147,10 @@ def resolve_compute(quant: str, precision: str, section: str, optimizer: str = "
     if optimizer.startswith("paged_") and not cuda:
         raise ConfigError(f"{section}.optimizer: {optimizer} pages optimizer state through CUDA memory and this "
                           "machine has no CUDA GPU; use adamw_torch or adamw_8bit")
-    needs_bnb = quant == "nf4" or optimizer.endswith("8bit") or optimizer.startswith("paged_")
-    if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
-        key = "quant" if quant == "nf4" else "optimizer"
-        raise ConfigError(f"{section}.{key}: {quant if key == 'quant' else optimizer} needs bitsandbytes "
-                          "(pip install bitsandbytes)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        for key, value in (("quant", quant), ("optimizer", optimizer)):
+            if value == "nf4" or value.startswith("paged_") or value.endswith("8bit"):
+                raise ConfigError(f"{section}.{key}: {value} needs bitsandbytes (pip install bitsandbytes)")
     return Compute("cuda" if cuda else "cpu", quant, precision, optimizer)
 
 

@@ -42,8 +42,10 @@ def profile_values(name: str, folder: Path = PROFILES_DIR) -> dict:
     return values
 
 
-def apply_profile(name: str, params_path: Path = Path("params.yaml"), folder: Path = PROFILES_DIR) -> list[str]:
-    """Rewrite params.yaml's values for profile `name`; return the changes as 'key: old -> new' lines."""
+def apply_profile(name: str, params_path: Path = Path("params.yaml"), folder: Path = PROFILES_DIR
+                  ) -> tuple[Params, list[str]]:
+    """Rewrite params.yaml's values for profile `name`; return the params and the changes as
+    'key: old -> new' lines."""
     values = profile_values(name, folder)
     params = from_dict(Params, values, "")
     params.validate(params_path.resolve().parent)
@@ -57,7 +59,7 @@ def apply_profile(name: str, params_path: Path = Path("params.yaml"), folder: Pa
     else:
         lines.insert(0, header)
     params_path.write_text("".join(lines))
-    return changes
+    return params, changes
 
 
 def set_values(text: str, leaves: dict[str, object], source: Path) -> tuple[str, list[str]]:

@@ -35,10 +35,10 @@ def fingerprint(train: TrainConfig, inputs: list[Path], base_path: Path, **setti
 def prepare_checkpoints(folder: Path, expected: dict, writer: bool = True) -> str | None:
     """Return the checkpoint to resume from, wiping checkpoints of other inputs (only if `writer`)."""
     stamp = folder / FINGERPRINT
-    if writer and folder.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != expected):
-        log.info("checkpoints in %s are from other params or data: starting afresh", folder)
-        shutil.rmtree(folder)
     if writer:
+        if folder.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != expected):
+            log.info("checkpoints in %s are from other params or data: starting afresh", folder)
+            shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(expected, indent=2))
     checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -69,11 +69,15 @@ def start_run(compute: Compute, processes: int, checkpoint_dir: Path, expected: 
     check_world_size(processes, state.num_processes)
     with state.main_process_first():
         resume = prepare_checkpoints(checkpoint_dir, expected, writer=state.is_main_process)
-    live = None
-    if live_dir is not None and state.is_main_process:
-        from dvclive import Live
-        live = Live(str(live_dir), resume=resume is not None, save_dvc_exp=False, dvcyaml=None)
-    return state, resume, live
+    return state, resume, open_live(live_dir, resume is not None, state.is_main_process)
+
+
+def open_live(live_dir: Path | None, resume: bool, main_process: bool):
+    """The stage's dvclive logger on rank 0; None elsewhere or without `live_dir` (no dvc needed then)."""
+    if live_dir is None or not main_process:
+        return None
+    from dvclive import Live
+    return Live(str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
 
 
 def build_optimizer(name: str, parameters, lr: float):

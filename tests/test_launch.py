@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from persona.config import ConfigError, LaunchConfig
-from persona.launch import accelerate_command, check_machine
+from persona.launch import accelerate_command, check_machine, config_file
 from persona.models import Compute, Machine, resolve_compute
 from tests.conftest import REPO, params_with
 
@@ -53,21 +53,24 @@ def test_possible_combinations_pass():
 
 def test_accelerate_command_lines(tmp_path):
     fp32 = Compute("cpu", "none", "fp32", "adamw_torch")
-    one = accelerate_command(LaunchConfig(), "stages.sft", fp32, CPU)
+    neutral = config_file(LaunchConfig(), tmp_path, tmp_path)
+    one = accelerate_command(LaunchConfig(), "stages.sft", fp32, CPU, neutral)
+    assert flag(one, "--config_file") == str(neutral)  # never the machine's `accelerate config` default file
+    assert "distributed_type: 'NO'" in neutral.read_text()
     assert one[1:3] == ["-m", "accelerate.commands.launch"] and one[-2:] == ["-m", "stages.sft"]
     assert "--multi_gpu" not in one and "--main_process_port" not in one
     assert flag(one, "--num_processes") == "1" and flag(one, "--mixed_precision") == "no"
     assert flag(one, "--num_cpu_threads_per_process") == "2"
 
-    two = accelerate_command(LaunchConfig(processes=2), "stages.ppo", fp32, CPU)
+    two = accelerate_command(LaunchConfig(processes=2), "stages.ppo", fp32, CPU, neutral)
     assert "--multi_gpu" in two and flag(two, "--num_processes") == "2"
     assert flag(two, "--num_cpu_threads_per_process") == "1" and int(flag(two, "--main_process_port")) > 0
 
     config = tmp_path / "fsdp.yaml"
     config.write_text("distributed_type: FSDP\n")
     fp16 = Compute("cuda", "nf4", "fp16", "paged_adamw_8bit")
-    fsdp = accelerate_command(LaunchConfig(processes=2, accelerate_config="fsdp.yaml"), "stages.sft", fp16, T4x2,
-                              tmp_path)
+    launch = LaunchConfig(processes=2, accelerate_config="fsdp.yaml")
+    fsdp = accelerate_command(launch, "stages.sft", fp16, T4x2, config_file(launch, tmp_path, tmp_path / "unused"))
     assert flag(fsdp, "--config_file") == str(config) and "--multi_gpu" not in fsdp
     assert flag(fsdp, "--mixed_precision") == "fp16" and "--num_cpu_threads_per_process" not in fsdp
 

@@ -26,7 +26,7 @@ def test_the_committed_params_are_the_cpu_quick_profile(tmp_path):
     assert yaml.safe_load((REPO / "params.yaml").read_text()) == dataclasses.asdict(Params())
     params = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params)
-    assert apply_profile("cpu-quick", params) == []
+    assert apply_profile("cpu-quick", params)[1] == []  # no changes
     assert params.read_text() == (REPO / "params.yaml").read_text()
 
 

@@ -39,7 +39,7 @@ from persona.ppo.losses import entropy, policy_loss, value_loss
 from persona.ppo.rollout import (Episode, Packed, episodes, pack, response_logits, rollout, sample_order,
                                  token_logprobs)
 from persona.reward import REWARD_INFO, RewardModel
-from persona.training import build_optimizer, fingerprint
+from persona.training import build_optimizer, fingerprint, open_live
 
 log = logging.getLogger(__name__)
 TRAINABLE, REFERENCE = "default", "reference"  # adapter names; the trainable one saves at the folder's root
@@ -273,10 +273,7 @@ def train_ppo(params: Params, prepared: Path, base_path: Path, sft_path: Path, r
     module, optimizer = accelerator.prepare(module, optimizer)
     unwrapped = accelerator.unwrap_model(module)
 
-    live = None
-    if live_dir is not None and accelerator.is_main_process:
-        from dvclive import Live
-        live = Live(str(live_dir), resume=first_step > 0, save_dvc_exp=False, dvcyaml=None)
+    live = open_live(live_dir, first_step > 0, accelerator.is_main_process)
     stopped, skipped, last, steps_done, ranks = "", 0, {}, first_step, None
     for step in tqdm(range(first_step, cfg.max_steps), desc="ppo", disable=not accelerator.is_main_process):
         step_seed = seed_step(params.seed, step, accelerator.process_index)
