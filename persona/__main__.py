@@ -11,9 +11,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from persona import stage
+from persona import runner
 from persona.config import POLICIES, ConfigError
 from persona.data import load_dialogues, read_dialogues, split_by_persona
+from persona.paths import DEFAULT, TRAINING_STAGES
 
 
 def dialogues_for(data: str, split: str, params) -> list:
@@ -31,11 +32,11 @@ def dialogues_for(data: str, split: str, params) -> list:
 
 
 def profile_command(args) -> None:
-    from persona.launch import STAGES, check_machine
-    from persona.models import Machine
+    from persona.hardware import Machine
+    from persona.launch import check_machine
     from persona.profiles import apply_profile, available
 
-    stage.start_logging()
+    runner.start_logging()
     if not args.name:
         print("profiles:", ", ".join(available()))
         return
@@ -44,9 +45,9 @@ def profile_command(args) -> None:
     for change in changes:
         print(f"  {change}")
     machine = Machine.detect()
-    for section in STAGES.values():  # say now, not when `dvc repro` reaches the stage
+    for stage in TRAINING_STAGES:  # say now, not when `dvc repro` reaches the stage
         try:
-            check_machine(params, section, machine)
+            check_machine(params, stage, machine)
         except ConfigError as error:
             print(f"warning: this machine ({machine.describe()}) cannot run it as is: {error}")
 
@@ -54,7 +55,7 @@ def profile_command(args) -> None:
 def evaluate_command(args) -> None:
     from persona.evaluate import evaluate, write_outputs
 
-    params = stage.start(args.params)
+    params = runner.start(args.params)
     cfg = params.evaluate
     overrides = {"n": args.n} if args.n else {}
     if args.policies:
@@ -62,11 +63,12 @@ def evaluate_command(args) -> None:
     cfg = dataclasses.replace(cfg, **overrides)
     cfg.validate()
     dialogues = dialogues_for(args.data, args.split, params)
-    adapters = {"sft": args.sft, "ppo": args.ppo}
+    adapters = {"sft": args.sft, params.align.algorithm: args.policy}
     reward = Path(args.reward) if args.reward else None
     result, samples = evaluate(dialogues, cfg, args.base, adapters, params.model.max_length, params.seed, reward)
     out = args.out
-    write_outputs(result, samples, out, out.with_suffix(".samples.jsonl"), out.with_suffix(".md"))
+    runner.write_metrics(out, result)
+    write_outputs(result, samples, out.with_suffix(".samples.jsonl"), out.with_suffix(".md"))
     print(out.with_suffix(".md").read_text())
     print(f"wrote {out}, {out.with_suffix('.samples.jsonl')}, {out.with_suffix('.md')} in {result['wall_s']} s")
 
@@ -80,7 +82,7 @@ def decoding_from(args):
 def chat_command(args) -> None:
     from persona.chat import ChatSession, load_chat_models, parse_persona, run_terminal
 
-    stage.start_logging()
+    runner.start_logging()
     facts = parse_persona(args.persona, Path(args.persona_file) if args.persona_file else None)
     adapters = {"policy": Path(args.adapter)} if args.adapter else {}
     model, tokenizer = load_chat_models(args.base, adapters)
@@ -90,21 +92,21 @@ def chat_command(args) -> None:
 def web_command(args) -> None:
     from persona.web import serve
 
-    stage.start_logging()
-    adapters = {"sft": args.sft, "ppo": args.ppo}
+    runner.start_logging()
+    adapters = {"sft": args.sft, "aligned": args.policy}
     serve(args.base, adapters, decoding_from(args), args.embedding_model, args.host, args.port)
 
 
 def export_command(args) -> None:
     from persona.export import export_merged
 
-    stage.start_logging()
+    runner.start_logging()
     info = export_merged(args.base, Path(args.adapter), args.out)
     print(f"wrote {args.out} ({info['parameters']:,} parameters); GGUF: {info['gguf']}")
 
 
 def add_decoding(parser) -> None:
-    parser.add_argument("--base", type=Path, default=Path("models/base"), help="the base stage's model")
+    parser.add_argument("--base", type=Path, default=DEFAULT.base, help="the base stage's model")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.9)
@@ -116,34 +118,36 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     profile = commands.add_parser("profile", help="apply a parameter profile (profiles/NAME.yaml) to params.yaml")
     profile.add_argument("name", nargs="?", help="kaggle-2xt4, gpu-24gb, a100-80gb, cpu-quick; none = list them")
-    profile.add_argument("--params", default="params.yaml")
+    profile.add_argument("--params", default=str(DEFAULT.params))
     profile.set_defaults(run=profile_command)
 
     ev = commands.add_parser("evaluate", help="evaluate policies on held-out personas")
-    ev.add_argument("--data", default="data/prepared",
+    ev.add_argument("--data", default=str(DEFAULT.prepared),
                     help="a prepared folder ({split}.jsonl), an SPC CSV file, or a folder of SPC CSVs")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test", "all"])
     ev.add_argument("--policies", help=f"comma-separated subset of {','.join(POLICIES)} (default: params)")
     ev.add_argument("--n", type=int, help="prompts for generation metrics (default: params)")
     ev.add_argument("--out", type=Path, default=Path("eval.json"), help="JSON path; .md and .samples.jsonl beside it")
-    ev.add_argument("--params", default="params.yaml")
-    ev.add_argument("--base", type=Path, default=Path("models/base"))
-    ev.add_argument("--sft", type=Path, default=Path("models/sft"), help="SFT adapter folder")
-    ev.add_argument("--ppo", type=Path, default=Path("models/ppo"), help="PPO adapter folder")
+    ev.add_argument("--params", default=str(DEFAULT.params))
+    ev.add_argument("--base", type=Path, default=DEFAULT.base)
+    ev.add_argument("--sft", type=Path, default=DEFAULT.sft, help="SFT adapter folder")
+    ev.add_argument("--policy", type=Path, default=DEFAULT.policy,
+                    help="the aligned adapter (align stage), evaluated under align.algorithm's name")
     ev.add_argument("--reward", default="",
                     help="reward model folder (models/reward) to score replies; must match --base")
     ev.set_defaults(run=evaluate_command)
 
     chat = commands.add_parser("chat", help="chat in the terminal with a persona")
-    chat.add_argument("--adapter", default="models/ppo", help="an sft or ppo stage output; '' = the base model")
+    chat.add_argument("--adapter", default=str(DEFAULT.policy),
+                      help="an sft or align stage output; '' = the base model")
     chat.add_argument("--persona", help='facts separated by "|", e.g. "I love hiking | I have two dogs"')
     chat.add_argument("--persona-file", help="a file with one fact per line")
     add_decoding(chat)
     chat.set_defaults(run=chat_command)
 
     web = commands.add_parser("web", help="the Gradio demo: models side by side with a persona score")
-    web.add_argument("--sft", type=Path, default=Path("models/sft"))
-    web.add_argument("--ppo", type=Path, default=Path("models/ppo"))
+    web.add_argument("--sft", type=Path, default=DEFAULT.sft)
+    web.add_argument("--policy", type=Path, default=DEFAULT.policy, help="the aligned adapter (align stage)")
     web.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes the demo to your network")
     web.add_argument("--port", type=int, default=7860)
     web.add_argument("--embedding-model", default="all-minilm-l6-v2", help="judge for the persona score")
@@ -151,15 +155,15 @@ def main(argv: list[str] | None = None) -> None:
     web.set_defaults(run=web_command)
 
     export = commands.add_parser("export", help="merge an adapter into the base and save a plain checkpoint")
-    export.add_argument("--adapter", required=True, help="an sft or ppo stage output")
+    export.add_argument("--adapter", default=str(DEFAULT.policy), help="an sft or align stage output")
     export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--base", type=Path, default=Path("models/base"))
+    export.add_argument("--base", type=Path, default=DEFAULT.base)
     export.set_defaults(run=export_command)
 
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except stage.USER_ERRORS as error:
+    except runner.USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

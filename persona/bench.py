@@ -26,13 +26,14 @@ from pathlib import Path
 
 import torch
 
+from persona.chat_format import build_dataset, select_prompts
 from persona.config import load_params
 from persona.data import load_dialogues, read_dialogues
-from persona.chat_format import select_prompts
 from persona.generation import Decoding, generate_replies
-from persona.models import load_for_training, lora_config, peak_memory_mb, resolve_compute
+from persona.hardware import peak_memory_mb, resolve_compute
 from persona.likelihood import collate, masked_nll
-from persona.sft import build_dataset
+from persona.models import load_for_training, lora_config
+from persona.paths import DEFAULT
 
 
 def time_layout(model, dataset, pad_id: int, steps: int, batch_size: int, seed: int) -> dict:
@@ -61,7 +62,7 @@ def bench_sft(model_path: Path, steps: int, batch_size: int) -> None:
     from peft import get_peft_model
 
     params = load_params()
-    prepared = Path("data/prepared/train.jsonl")
+    prepared = DEFAULT.prepared / "train.jsonl"
     dialogues = read_dialogues(prepared) if prepared.exists() else load_dialogues("sample", "", "skip")[0]
     compute = resolve_compute("none", "auto", "bench")
     model, tokenizer = load_for_training(model_path, compute)
@@ -110,8 +111,10 @@ def bench_generate(model_path: Path, prompts: int, batch_size: int) -> None:
 def ppo_experience(variant: str, model_path: Path, steps: int, batch_size: int, results) -> None:
     """One variant, in its own process: make `steps` batches of PPO experience (after a warm-up)."""
     import dataclasses
+
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
     from persona.ppo.rollout import episodes, pack, response_logits, rollout, token_logprobs
     from persona.ppo.trainer import load_policy, reference
 
@@ -119,14 +122,14 @@ def ppo_experience(variant: str, model_path: Path, steps: int, batch_size: int, 
     params = load_params()
     cfg = dataclasses.replace(params.ppo, reference="sft" if variant == "adapter" else "base")
     compute = resolve_compute("none", "auto", "bench")
-    policy, tokenizer = load_policy(model_path, Path("models/sft"), cfg, compute)
+    policy, tokenizer = load_policy(model_path, DEFAULT.sft, cfg, compute)
     if variant != "copy":
         anchor = lambda: reference(policy, cfg.reference)  # noqa: E731
     else:
         copy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        copy = PeftModel.from_pretrained(copy, "models/sft").merge_and_unload().eval().to(compute.device)
+        copy = PeftModel.from_pretrained(copy, str(DEFAULT.sft)).merge_and_unload().eval().to(compute.device)
         anchor = lambda: nullcontext(copy)  # noqa: E731
-    pool = episodes(read_dialogues(Path("data/prepared/train.jsonl")), 1, cfg.max_history_turns)
+    pool = episodes(read_dialogues(DEFAULT.prepared / "train.jsonl"), 1, cfg.max_history_turns)
     decoding = Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, batch_size, params.seed)
     tokens, started = 0, 0.0
     for step in range(steps + 1):
@@ -169,7 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m persona.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["sft", "generate", "ppo"])
-    parser.add_argument("--model", type=Path, default=Path("models/base"), help="a saved base model (base stage)")
+    parser.add_argument("--model", type=Path, default=DEFAULT.base, help="a saved base model (base stage)")
     parser.add_argument("--steps", type=int, help="sft: timed training steps per layout (6); ppo: timed batches (3)")
     parser.add_argument("--prompts", type=int, default=32, help="generate: prompts")
     parser.add_argument("--batch-size", type=int, help="default: 4 for sft, 8 for generate")

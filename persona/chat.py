@@ -13,6 +13,7 @@ from pathlib import Path
 from persona.chat_format import messages_for
 from persona.config import ConfigError
 from persona.generation import Decoding, generate, stream_reply
+from persona.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 MAX_FACTS = 8  # SPC personas have 3-5 facts; more only dilutes the prompt
@@ -49,10 +50,10 @@ def load_chat_models(base: Path, adapters: dict[str, Path]):
 
     if not (base / "config.json").exists():
         raise ConfigError(f"--base: no saved model in {base}; run `dvc repro base` first")
-    for name, path in adapters.items():
+    for path in adapters.values():
         if not (path / "adapter_config.json").exists():
             raise ConfigError(f"--adapter: no LoRA adapter in {path} (expected adapter_config.json); "
-                              f"run its stage (sft or ppo) first")
+                              f"run its stage (sft or align) first")
     try:
         return load_policies(base, adapters, param="--adapter")
     except (RuntimeError, ValueError, KeyError) as error:
@@ -76,7 +77,7 @@ class ChatSession:
     def reply(self, message: str, on_text=None) -> str:
         """Answer `message`; `on_text(piece)` receives the reply as it is generated."""
         self.turns.append((USER, message))
-        decoding = replace(self.decoding, seed=self.decoding.seed + len(self.turns))
+        decoding = replace(self.decoding, seed=derive_seed(self.decoding.seed, "chat-turn", len(self.turns)))
         if on_text is None:
             answer = generate(self.model, self.tokenizer, [self.messages()], decoding)[0].text
         else:

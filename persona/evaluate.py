@@ -25,29 +25,29 @@ import torch
 from tqdm import tqdm
 
 from persona import metrics as M
-from persona.chat_format import Prompt, messages_for, select_prompts
-from persona.config import ConfigError, EvaluateConfig
-from persona.data import Dialogue, persona_key
+from persona.chat_format import Prompt, build_dataset, messages_for, select_prompts
+from persona.config import ConfigError, EvaluateConfig, Params
+from persona.data import Dialogue, persona_key, read_dialogues
 from persona.generation import Decoding, generate_replies
 from persona.judges import Embedder, load_nli
 from persona.likelihood import candidate_logprobs, completion_nll, reply_logprobs
 from persona.models import load_policies, policy
+from persona.paths import DEFAULT, Paths
 from persona.reward import RewardModel
-from persona.sft import build_dataset
+from persona.seeds import derive_seed
 
 log = logging.getLogger(__name__)
-POLICY_ADAPTERS = {"sft": Path("models/sft"), "ppo": Path("models/ppo")}
 HEADLINE = ("persona_gain", "persona_hits1", "grounding_top1", "grounding_top1_relevant", "parroting_rate",
             "f1", "keyword_score_original", "reward_score")
 
 
-def distractor_personas(prompt: Prompt, pool: dict[str, list[str]], k: int, rng: random.Random) -> list[list[str]]:
+def distractor_personas(facts: list[str], pool: dict[str, list[str]], k: int, rng: random.Random) -> list[list[str]]:
     """The true persona first, then k-1 personas of other conversations."""
-    own = persona_key(prompt.facts)
+    own = persona_key(facts)
     others = [facts for key, facts in pool.items() if key != own]
     if len(others) < k - 1:
         raise ConfigError(f"evaluate: {k} persona candidates asked for, only {len(others) + 1} personas in the split")
-    return [prompt.facts] + rng.sample(others, k - 1)
+    return [facts] + rng.sample(others, k - 1)
 
 
 def headline(key: str, values: list[float], seed: int, resamples: int) -> dict:
@@ -162,7 +162,8 @@ def multiturn(model, tokenizer, cfg: EvaluateConfig, context: dict) -> dict:
     partner_turns = [[t for t in d.turns if t[0] == 0] for d in dialogues]
     histories = [turns[:1] for turns in partner_turns]
     partner_turns = [turns[1:] for turns in partner_turns]
-    decoding = Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, context["seed"] + 1)
+    decoding = Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size,
+                        derive_seed(context["seed"], "multiturn"))
     out, replies_so_far = {}, [[] for _ in dialogues]
     contradictions = []
     for turn in range(cfg.multiturn_turns):
@@ -194,8 +195,8 @@ def build_context(dialogues: list[Dialogue], tokenizer, cfg: EvaluateConfig, max
     pool = {persona_key(p): p for d in dialogues for p in d.personas}
     embedder = Embedder(cfg.embedding_model)
     nli, nli_reason = load_nli(cfg.nli_model)
-    grounding_candidates = [distractor_personas(p, pool, cfg.grounding_candidates, rng) for p in prompts]
-    persona_candidates = [distractor_personas(p, pool, cfg.persona_candidates, rng)
+    grounding_candidates = [distractor_personas(p.facts, pool, cfg.grounding_candidates, rng) for p in prompts]
+    persona_candidates = [distractor_personas(p.facts, pool, cfg.persona_candidates, rng)
                           for p in prompts[:cfg.likelihood_n]]
     replies_by_dialogue = [(d.id, text) for d in dialogues for _, text in d.turns]
     reply_candidates = []
@@ -205,8 +206,8 @@ def build_context(dialogues: list[Dialogue], tokenizer, cfg: EvaluateConfig, max
     gold_ground = grounding(embedder, [p.gold for p in prompts], grounding_candidates)
     starters = [d for d in dialogues if sum(1 for s, _ in d.turns if s == 0) > 1]
     multiturn_dialogues = rng.sample(starters, min(cfg.multiturn_n, len(starters)))
-    multiturn_candidates = [distractor_personas(Prompt(d.id, 1, d.personas[1], [], ""), pool,
-                                                cfg.grounding_candidates, rng) for d in multiturn_dialogues]
+    multiturn_candidates = [distractor_personas(d.personas[1], pool, cfg.grounding_candidates, rng)
+                            for d in multiturn_dialogues]
     return {
         "seed": seed, "prompts": prompts, "embedder": embedder, "nli": nli, "nli_reason": nli_reason,
         "grounding_candidates": grounding_candidates, "persona_candidates": persona_candidates,
@@ -267,10 +268,21 @@ def evaluate(dialogues: list[Dialogue], cfg: EvaluateConfig, base_path: Path, ad
     return result, samples
 
 
-def write_outputs(result: dict, samples: list[dict], json_path: Path, samples_path: Path, report_path: Path,
+def run(params: Params, paths: Paths = DEFAULT) -> dict:
+    """The `evaluate` stage: every policy of `evaluate.policies` on the held-out split. Writes the samples,
+    report, bar data and chart; returns the content of metrics/eval.json."""
+    cfg = params.evaluate
+    dialogues = read_dialogues(paths.prepared / f"{cfg.split}.jsonl")
+    result, samples = evaluate(dialogues, cfg, paths.base, paths.adapters(params.align.algorithm),
+                               params.model.max_length, params.seed, reward_path=paths.reward)
+    write_outputs(result, samples, paths.eval_samples, paths.eval_report, paths.eval_bars, paths.eval_chart)
+    return result
+
+
+def write_outputs(result: dict, samples: list[dict], samples_path: Path, report_path: Path,
                   bars_path: Path | None = None, png_path: Path | None = None) -> None:
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    """Everything beside the metrics JSON: per-prompt samples, the markdown report, bar data and chart."""
+    samples_path.parent.mkdir(parents=True, exist_ok=True)
     with samples_path.open("w") as handle:
         for sample in samples:
             handle.write(json.dumps(sample) + "\n")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from persona.chat_format import render
+from persona.models import eval_mode
+from persona.seeds import derive_seed
 
 
 @dataclass(frozen=True)
@@ -51,31 +53,29 @@ def stream_reply(model, tokenizer, chat: list[dict], decoding: Decoding, on_text
 @torch.no_grad()
 def generate(model, tokenizer, chats: list[list[dict]], decoding: Decoding, streamer=None) -> list[Reply]:
     """The next assistant reply for each chat, with its tokens and whether it ended on its own."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    texts = [render(tokenizer, chat, add_generation_prompt=True) for chat in chats]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    order = sorted(range(len(chats)), key=lambda i: len(encoded[i]))
-    replies: list[Reply] = [None] * len(chats)
-    for start in range(0, len(order), decoding.batch_size):
-        chunk = order[start:start + decoding.batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            attention[row, width - len(encoded[i]):] = 1
-        torch.manual_seed(decoding.seed * 1_000_003 + min(chunk))
-        sampling = {"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p} \
-            if decoding.temperature > 0 else {"do_sample": False}
-        output = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device),
-                                max_new_tokens=decoding.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=streamer, **sampling)
-        for row, i in enumerate(chunk):
-            tokens = output[row, width:].tolist()
-            finished = tokenizer.eos_token_id in tokens
-            tokens = tokens[:tokens.index(tokenizer.eos_token_id) + 1] if finished else tokens
-            replies[i] = Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, finished)
-    model.train(was_training)
+    with eval_mode(model):
+        device = next(model.parameters()).device
+        texts = [render(tokenizer, chat, add_generation_prompt=True) for chat in chats]
+        encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        order = sorted(range(len(chats)), key=lambda i: len(encoded[i]))
+        replies: list[Reply] = [None] * len(chats)
+        for start in range(0, len(order), decoding.batch_size):
+            chunk = order[start:start + decoding.batch_size]
+            width = max(len(encoded[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                attention[row, width - len(encoded[i]):] = 1
+            torch.manual_seed(derive_seed(decoding.seed, "batch", min(chunk)))
+            sampling = {"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p} \
+                if decoding.temperature > 0 else {"do_sample": False}
+            output = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device),
+                                    max_new_tokens=decoding.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                    pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=streamer, **sampling)
+            for row, i in enumerate(chunk):
+                tokens = output[row, width:].tolist()
+                finished = tokenizer.eos_token_id in tokens
+                tokens = tokens[:tokens.index(tokenizer.eos_token_id) + 1] if finished else tokens
+                replies[i] = Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, finished)
     return replies

@@ -25,11 +25,13 @@ from pathlib import Path
 
 import torch
 
+from persona import align, data, pairs, reward, sft
 from persona.chat_format import ensure_chat_template
 from persona.config import Params
-from persona.data import prepare
-from persona.models import BASE_INFO, Machine, bundled_gguf, load_policies, peak_memory_mb
-from persona.stage import start_logging
+from persona.hardware import Machine, peak_memory_mb
+from persona.models import BASE_INFO, bundled_gguf
+from persona.paths import Paths
+from persona.runner import start_logging
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +131,9 @@ def timed(stage: str, quant: str, precision: str, run, *args, **kwargs) -> dict:
     return row
 
 
-def run_pairs(params: Params, prepared: Path, base: Path, adapter: Path, out_dir: Path) -> dict:
+def run_pairs(params: Params, paths: Paths) -> dict:
     """Preference pairs sampled from the SFT policy; load_policies keeps the model in fp32."""
-    from persona.pairs import make_pairs
-    model, tokenizer = load_policies(base, {"sft": adapter}, param="pairs")
-    metrics = make_pairs(prepared, model, tokenizer, params.pairs, params.seed, out_dir)
+    metrics = pairs.run(params, paths)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return {**metrics, "quant": "none", "precision": "fp32", "tokens_per_s": metrics["generation_tokens_per_s"],
             "peak_memory_mb": round(peak_memory_mb(device), 1)}
@@ -141,37 +141,30 @@ def run_pairs(params: Params, prepared: Path, base: Path, adapter: Path, out_dir
 
 def run_all(size: str, steps: int, work: Path, tokenizer_dir: Path | None) -> tuple[list[dict], list[str]]:
     """(one row per run, a line per path this machine skips)."""
-    from persona.ppo.trainer import train_ppo
-    from persona.reward import train_reward
-    from persona.sft import train_sft
-
     machine = Machine.detect()
     params = check_params(size, steps, machine)
-    base = build_base(size, load_tokenizer(tokenizer_dir), work / "base")
-    prepared = work / "prepared"
-    data = params.data
-    prepare(data.source, data.hub_id, data.fraction, data.on_malformed, data.valid_fraction, data.test_fraction,
-            params.seed, out_dir=prepared)
+    paths = Paths.under(work, curves=None)  # no dvclive: the check runs without dvc installed
+    build_base(size, load_tokenizer(tokenizer_dir), paths.base)
+    data.run(params, paths)
     runs, skipped = sft_runs(machine)
     rows, adapter = [], None
     for quant, precision in runs:
         name = f"sft-{quant}-{precision}"
         run_params = dataclasses.replace(params, sft=dataclasses.replace(params.sft, quant=quant, precision=precision))
-        rows.append(timed("sft", quant, precision, train_sft, run_params, prepared, base, work / name,
-                          work / f"{name}-ckpt", live_dir=None))
+        run_paths = dataclasses.replace(paths, sft=work / name, checkpoints=work / f"{name}-checkpoints")
+        rows.append(timed("sft", quant, precision, sft.run, run_params, run_paths))
         if adapter is None and rows[-1]["error"] is None:
-            adapter = work / name
+            adapter = run_paths.sft
     if adapter is None:
         rows += [empty_row(stage, error="skipped: no SFT run succeeded") for stage in ("pairs", "reward", "ppo")]
         return rows, skipped
-    rows.append(timed("pairs", "none", "fp32", run_pairs, params, prepared, base, adapter, work / "pairs"))
-    rows.append(timed("reward", params.reward.quant, params.reward.precision, train_reward, params, work / "pairs",
-                      base, work / "reward", work / "reward-ckpt", live_dir=None))
+    paths = dataclasses.replace(paths, sft=adapter)
+    rows.append(timed("pairs", "none", "fp32", run_pairs, params, paths))
+    rows.append(timed("reward", params.reward.quant, params.reward.precision, reward.run, params, paths))
     if rows[-1]["error"]:
         rows.append(empty_row("ppo", error="skipped: the reward run failed"))
         return rows, skipped
-    rows.append(timed("ppo", params.ppo.quant, params.ppo.precision, train_ppo, params, prepared, base, adapter,
-                      work / "reward", work / "ppo", work / "ppo-ckpt", live_dir=None))
+    rows.append(timed("ppo", params.ppo.quant, params.ppo.precision, align.run, params, paths))
     return rows, skipped
 
 

@@ -1,6 +1,6 @@
 """Start a training stage under `accelerate launch`, after checking params against this machine.
 
-DVC runs `python -m persona.launch stages.sft` (likewise reward, ppo). This module reads the
+DVC runs `python -m persona.launch stages.sft` (likewise reward, align). This module reads the
 `launch` params, checks the stage's quant/precision/optimizer and the process count against
 the hardware (bf16 on a T4, fp16 on a CPU, a paged optimizer without CUDA, more processes than
 GPUs all fail here, in a second, before a model loads), then runs accelerate's launcher with
@@ -22,16 +22,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from persona import stage
+from persona import runner
 from persona.config import LaunchConfig, Params, resolve_path
-from persona.models import Compute, Machine, check_processes, resolve_compute
+from persona.hardware import Compute, Machine, check_processes, resolve_compute
+from persona.paths import TRAINING_STAGES
 
 log = logging.getLogger(__name__)
-STAGES = {"stages.sft": "sft", "stages.reward": "reward", "stages.ppo": "ppo"}  # module -> params section
+MODULES = {f"stages.{stage}": stage for stage in TRAINING_STAGES}
 
 
-def check_machine(params: Params, section: str, machine: Machine) -> Compute:
-    """What `section` will run as on `machine`; ConfigError naming the param if it cannot."""
+def check_machine(params: Params, stage: str, machine: Machine) -> Compute:
+    """What training stage `stage` will run as on `machine`; ConfigError naming the param if it cannot."""
+    section = params.training_section(stage)
     cfg = getattr(params, section)
     compute = resolve_compute(cfg.quant, cfg.precision, section, cfg.optimizer, machine)
     check_processes(params.launch.processes, machine, compute)
@@ -72,18 +74,18 @@ def free_port() -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in STAGES:
-        raise SystemExit(f"usage: python -m persona.launch {{{','.join(STAGES)}}}")
+    if len(argv) != 1 or argv[0] not in MODULES:
+        raise SystemExit(f"usage: python -m persona.launch {{{','.join(MODULES)}}}")
     module = argv[0]
-    params = stage.start()
+    params = runner.start()
     machine = Machine.detect()
-    compute = check_machine(params, STAGES[module], machine)
+    compute = check_machine(params, MODULES[module], machine)
     with tempfile.TemporaryDirectory() as scratch:
         config = config_file(params.launch, Path("."), Path(scratch))
         command = accelerate_command(params.launch, module, compute, machine, config)
-        log.info("%s on %s: %s", STAGES[module], machine.describe(), shlex.join(command))
+        log.info("%s on %s: %s", MODULES[module], machine.describe(), shlex.join(command))
         return subprocess.call(command)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))  # a ConfigError prints one line and exits 2 (stage.start's hook)
+    raise SystemExit(main(sys.argv[1:]))  # a ConfigError prints one line and exits 2 (runner.start's hook)

@@ -10,6 +10,7 @@ import copy
 import torch
 
 from persona.chat_format import encode_messages
+from persona.models import eval_mode
 
 
 def collate(rows: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,18 +38,16 @@ def masked_nll(model, ids, attention, mask) -> tuple[torch.Tensor, torch.Tensor]
 @torch.no_grad()
 def row_nll(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> list[tuple[float, int]]:
     """(summed NLL, token count) per row, in input order; batches sorted by length for little padding."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        tensors = (t.to(device) for t in collate([rows[i] for i in chunk], pad_id))
-        sums, counts = masked_nll(model, *tensors)
-        for i, total, count in zip(chunk, sums.tolist(), counts.tolist()):
-            results[i] = (total, int(count))
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            tensors = (t.to(device) for t in collate([rows[i] for i in chunk], pad_id))
+            sums, counts = masked_nll(model, *tensors)
+            for i, total, count in zip(chunk, sums.tolist(), counts.tolist()):
+                results[i] = (total, int(count))
     return results
 
 
@@ -79,28 +78,26 @@ def candidate_logprobs(model, tokenizer, chat: list[dict], candidates: list[str]
     The prompt's KV cache is computed once and copied per batch, so ranking 20 candidates
     costs about one prompt plus 20 short replies instead of 20 full sequences.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     encoded = [encode_messages(tokenizer, chat + [{"role": "assistant", "content": c}], "last") for c in candidates]
     start = min(e.completion_mask.index(1) for e in encoded) - 1  # the token whose logits predict the reply
     prefix = encoded[0].input_ids[:start]
     if any(e.input_ids[:start] != prefix for e in encoded) or start < 1:
-        model.train(was_training)
         return reply_logprobs(model, tokenizer, [chat + [{"role": "assistant", "content": c}] for c in candidates],
                               batch_size)
-    cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).cache
     scores = []
-    for first in range(0, len(encoded), batch_size):
-        rows = [{"input_ids": e.input_ids[start:], "completion_mask": e.completion_mask[start:]}
-                for e in encoded[first:first + batch_size]]
-        ids, attention, mask = (t.to(device) for t in collate(rows, tokenizer.pad_token_id))
-        batch_cache = copy.deepcopy(cache)
-        batch_cache.batch_repeat_interleave(len(rows))
-        full_attention = torch.cat([torch.ones(len(rows), start, dtype=attention.dtype, device=device), attention], 1)
-        logits = model(input_ids=ids, attention_mask=full_attention, cache=batch_cache).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
-        target = mask[:, 1:].to(nll.dtype)
-        scores += (-(nll * target).sum(1) / target.sum(1).clamp(min=1)).tolist()
-    model.train(was_training)
+    with eval_mode(model):
+        cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).cache
+        for first in range(0, len(encoded), batch_size):
+            rows = [{"input_ids": e.input_ids[start:], "completion_mask": e.completion_mask[start:]}
+                    for e in encoded[first:first + batch_size]]
+            ids, attention, mask = (t.to(device) for t in collate(rows, tokenizer.pad_token_id))
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(len(rows))
+            full_attention = torch.cat([torch.ones(len(rows), start, dtype=attention.dtype, device=device),
+                                        attention], 1)
+            logits = model(input_ids=ids, attention_mask=full_attention, cache=batch_cache).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+            target = mask[:, 1:].to(nll.dtype)
+            scores += (-(nll * target).sum(1) / target.sum(1).clamp(min=1)).tolist()
     return scores

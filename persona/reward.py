@@ -24,10 +24,11 @@ import torch
 from persona.chat_format import encode_messages, messages_for
 from persona.config import ConfigError, Params
 from persona.distributed import watch_ranks
+from persona.hardware import resolve_compute, run_metrics
 from persona.likelihood import collate
-from persona.models import (load_for_training, lora_config, peak_memory_mb, resolve_compute,
-                            trainable_parameters)
+from persona.models import eval_mode, load_for_training, lora_config, save_model, trainable_parameters
 from persona.pairs import STRATEGIES, read_pairs, words
+from persona.paths import DEFAULT, Paths
 from persona.training import LiveCurves, drop_finished_checkpoints, fingerprint, start_run, trl_config
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class RewardModel:
 
     @classmethod
     def load(cls, base_path: Path, adapter_path: Path, device: str | None = None, max_length: int = 1024,
-             batch_size: int = 16, dtype: torch.dtype = torch.float32) -> "RewardModel":
+             batch_size: int = 16, dtype: torch.dtype = torch.float32) -> RewardModel:
         """`dtype` bf16 halves the frozen scorer's memory beside a PPO policy on a bf16 GPU."""
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -124,49 +125,50 @@ def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int) -> list
 
 def held_out_metrics(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int) -> dict:
     """Pairwise accuracy (overall, per strategy, length-matched), margin, persona-only accuracy."""
-    was_training = model.training
-    model.eval()
-    rows = pair_rows(pairs, tokenizer, max_length)
-    chosen = np.array(score_ids(model, rows["chosen_ids"], tokenizer.pad_token_id, batch_size))
-    rejected = np.array(score_ids(model, rows["rejected_ids"], tokenizer.pad_token_id, batch_size))
-    correct = (chosen > rejected).astype(float)
-    out = {"accuracy": round(float(correct.mean()), 4), "n_pairs": len(pairs),
-           "margin": round(float((chosen - rejected).mean()), 4)}
-    for strategy in STRATEGIES:
-        picked = [i for i, p in enumerate(pairs) if p["strategy"] == strategy]
-        out[f"accuracy_{strategy}"] = round(float(correct[picked].mean()), 4) if picked else None
-        out[f"n_{strategy}"] = len(picked)
-    matched = [i for i, p in enumerate(pairs) if abs(words(p["chosen"]) - words(p["rejected"])) <= LENGTH_MATCHED_WORDS]
-    out["accuracy_length_matched"] = round(float(correct[matched].mean()), 4) if matched else None
-    out["n_length_matched"] = len(matched)
-    swaps = [p for p in pairs if p["strategy"] == "swap"]
-    if swaps:
-        swapped = [encode_chat(tokenizer, reward_chat(p["other_facts"], p["history"], p["speaker"], p["chosen"]),
-                               max_length) for p in swaps]
-        own = chosen[[i for i, p in enumerate(pairs) if p["strategy"] == "swap"]]
-        under_other = np.array(score_ids(model, swapped, tokenizer.pad_token_id, batch_size))
-        out["persona_only_accuracy"] = round(float((own > under_other).mean()), 4)
-    both = np.concatenate([chosen, rejected])
-    out["score_mean"], out["score_std"] = round(float(both.mean()), 4), round(float(both.std()), 4)
-    model.train(was_training)
+    with eval_mode(model):
+        rows = pair_rows(pairs, tokenizer, max_length)
+        chosen = np.array(score_ids(model, rows["chosen_ids"], tokenizer.pad_token_id, batch_size))
+        rejected = np.array(score_ids(model, rows["rejected_ids"], tokenizer.pad_token_id, batch_size))
+        correct = (chosen > rejected).astype(float)
+        out = {"accuracy": round(float(correct.mean()), 4), "n_pairs": len(pairs),
+               "margin": round(float((chosen - rejected).mean()), 4)}
+        for strategy in STRATEGIES:
+            picked = [i for i, p in enumerate(pairs) if p["strategy"] == strategy]
+            out[f"accuracy_{strategy}"] = round(float(correct[picked].mean()), 4) if picked else None
+            out[f"n_{strategy}"] = len(picked)
+        matched = [i for i, p in enumerate(pairs)
+                   if abs(words(p["chosen"]) - words(p["rejected"])) <= LENGTH_MATCHED_WORDS]
+        out["accuracy_length_matched"] = round(float(correct[matched].mean()), 4) if matched else None
+        out["n_length_matched"] = len(matched)
+        swaps = [p for p in pairs if p["strategy"] == "swap"]
+        if swaps:
+            swapped = [encode_chat(tokenizer, reward_chat(p["other_facts"], p["history"], p["speaker"], p["chosen"]),
+                                   max_length) for p in swaps]
+            own = chosen[[i for i, p in enumerate(pairs) if p["strategy"] == "swap"]]
+            under_other = np.array(score_ids(model, swapped, tokenizer.pad_token_id, batch_size))
+            out["persona_only_accuracy"] = round(float((own > under_other).mean()), 4)
+        both = np.concatenate([chosen, rejected])
+        out["score_mean"], out["score_std"] = round(float(both.mean()), 4), round(float(both.std()), 4)
     return out
 
 
-def train_reward(params: Params, pairs_dir: Path, base_path: Path, out_dir: Path, checkpoint_dir: Path,
-                 live_dir: Path | None, callbacks: tuple = ()) -> dict:
+def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
     """The `reward` stage: train the reward LoRA + head on train pairs, test on held-out pairs.
 
-    Files are written by rank 0 only; `live_dir` None = no dvclive curves.
+    Files are written by rank 0 only; `callbacks`: extra Trainer callbacks (tests kill a run with one).
     """
     from peft import get_peft_model
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     cfg = params.reward
+    pairs_dir, base_path, out_dir = paths.pairs, paths.base, paths.reward
+    checkpoint_dir = paths.checkpoint_dir("reward")
     compute = resolve_compute(cfg.quant, cfg.precision, "reward", cfg.optimizer)
     expected = fingerprint(cfg, [pairs_dir / "train.jsonl"], base_path, lora=asdict(params.lora),
                            max_length=params.model.max_length, seed=params.seed)
-    state, resume, live = start_run(compute, params.launch.processes, checkpoint_dir, expected, live_dir)
+    state, resume, live = start_run(compute, params.launch.processes, checkpoint_dir, expected,
+                                    paths.curves_dir("reward"))
     started = time.perf_counter()
     train_pairs, valid_pairs = read_pairs(pairs_dir / "train.jsonl"), read_pairs(pairs_dir / "valid.jsonl")
     set_seed(params.seed)  # the score head is initialised randomly
@@ -191,8 +193,7 @@ def train_reward(params: Params, pairs_dir: Path, base_path: Path, out_dir: Path
     after = held_out_metrics(model, tokenizer, valid_pairs, params.model.max_length, cfg.score_batch_size)
     if state.is_main_process:
         drop_finished_checkpoints(checkpoint_dir)
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        save_model(model, tokenizer, out_dir)
         (out_dir / REWARD_INFO).write_text(json.dumps({"score_mean": after["score_mean"],
                                                        "score_std": after["score_std"]}, indent=2))
     runtime = result.metrics["train_runtime"]
@@ -201,13 +202,11 @@ def train_reward(params: Params, pairs_dir: Path, base_path: Path, out_dir: Path
     return {
         **after, "untrained_accuracy": before["accuracy"],
         "untrained_accuracy_swap": before["accuracy_swap"],
-        "quant": compute.quant, "precision": compute.precision, "device": compute.device,
-        "optimizer": compute.optimizer, **ranks.metrics(state.num_processes),
+        **run_metrics(compute), **ranks.metrics(state.num_processes),
         "train_pairs": len(train_set), "steps": trainer.state.global_step,
         "train_loss": round(result.metrics["train_loss"], 4) if math.isfinite(result.metrics["train_loss"]) else None,
         "lora_top_layers": cfg.lora_top_layers, "trainable_params": trainable,
         "trainable_pct": round(100 * trainable / total, 3),
         "tokens_per_s": round(tokens * epochs_run / runtime, 1),
         "train_wall_s": round(runtime, 1), "stage_wall_s": round(time.perf_counter() - started, 1),
-        "peak_memory_mb": round(peak_memory_mb(compute.device), 1),
     }

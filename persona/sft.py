@@ -10,49 +10,36 @@ import logging
 import math
 import time
 from dataclasses import asdict
-from pathlib import Path
 
-from persona.chat_format import dialogue_examples
+from persona.chat_format import build_dataset
 from persona.config import Params
-from persona.data import Dialogue, read_dialogues
+from persona.data import read_dialogues
 from persona.distributed import watch_ranks
+from persona.hardware import resolve_compute, run_metrics
 from persona.likelihood import completion_nll
-from persona.models import load_for_training, lora_config, peak_memory_mb, resolve_compute, trainable_parameters
+from persona.models import load_for_training, lora_config, save_model, trainable_parameters
+from persona.paths import DEFAULT, Paths
 from persona.training import LiveCurves, drop_finished_checkpoints, fingerprint, start_run, trl_config
 
 log = logging.getLogger(__name__)
 
 
-def build_dataset(dialogues: list[Dialogue], tokenizer, layout: str, max_length: int, limit: int = 0):
-    """Tokenised training rows for both speakers of every dialogue (`limit` > 0 caps the rows)."""
-    from datasets import Dataset
-
-    rows = {"input_ids": [], "completion_mask": [], "responses": []}
-    for dialogue in dialogues:
-        for example in dialogue_examples(dialogue, tokenizer, layout, max_length):
-            rows["input_ids"].append(example.input_ids)
-            rows["completion_mask"].append(example.completion_mask)
-            rows["responses"].append(example.responses)
-            if limit and len(rows["input_ids"]) >= limit:
-                return Dataset.from_dict(rows)
-    return Dataset.from_dict(rows)
-
-
-def train_sft(params: Params, prepared: Path, base_path: Path, out_dir: Path, checkpoint_dir: Path,
-              live_dir: Path | None, callbacks: tuple = ()) -> dict:
+def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
     """The `sft` stage: train the LoRA adapter, save it (rank 0), return the metrics.
 
-    `live_dir` None: no dvclive curves (the GPU check runs without dvc installed).
+    `callbacks`: extra Trainer callbacks (tests kill a run with one).
     """
     from peft import get_peft_model
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     cfg = params.sft
+    prepared, base_path, out_dir, checkpoint_dir = paths.prepared, paths.base, paths.sft, paths.checkpoint_dir("sft")
     compute = resolve_compute(cfg.quant, cfg.precision, "sft", cfg.optimizer)
     expected = fingerprint(cfg, [prepared / "train.jsonl"], base_path, lora=asdict(params.lora),
                            max_length=params.model.max_length, seed=params.seed)
-    state, resume, live = start_run(compute, params.launch.processes, checkpoint_dir, expected, live_dir)
+    state, resume, live = start_run(compute, params.launch.processes, checkpoint_dir, expected,
+                                    paths.curves_dir("sft"))
     set_seed(params.seed)
     started = time.perf_counter()
     model, tokenizer = load_for_training(base_path, compute, cfg.gradient_checkpointing)
@@ -77,16 +64,14 @@ def train_sft(params: Params, prepared: Path, base_path: Path, out_dir: Path, ch
     sft_nll, _ = completion_nll(model, eval_set, tokenizer.pad_token_id, cfg.batch_size)
     if state.is_main_process:
         drop_finished_checkpoints(checkpoint_dir)
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        save_model(model, tokenizer, out_dir)
     resumed_step = int(resume.rsplit("-", 1)[1]) if resume else 0
     steps = trainer.state.global_step
     seen = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
     runtime = result.metrics["train_runtime"]
     responses_per_row = sum(train_set["responses"]) / max(len(train_set), 1)
     return {
-        "layout": cfg.layout, "quant": compute.quant, "precision": compute.precision, "device": compute.device,
-        "optimizer": compute.optimizer, **ranks.metrics(state.num_processes),
+        "layout": cfg.layout, **run_metrics(compute), **ranks.metrics(state.num_processes),
         "train_sequences": len(train_set), "eval_sequences": len(eval_set), "eval_tokens": eval_tokens,
         "steps": steps, "resumed_from_step": resumed_step,
         "train_loss": round(result.metrics["train_loss"], 4),
@@ -94,7 +79,7 @@ def train_sft(params: Params, prepared: Path, base_path: Path, out_dir: Path, ch
         "eval_nll": round(sft_nll, 4), "eval_perplexity": round(math.exp(sft_nll), 3),
         "trainable_params": trainable, "trainable_pct": round(100 * trainable / total, 3),
         "tokens_per_s": round(seen / runtime, 1),
-        "responses_per_s": round((steps - resumed_step) * cfg.batch_size * cfg.grad_accum * responses_per_row / runtime, 2),
+        "responses_per_s": round((steps - resumed_step) * cfg.batch_size * cfg.grad_accum * responses_per_row
+                                 / runtime, 2),
         "train_wall_s": round(runtime, 1), "stage_wall_s": round(time.perf_counter() - started, 1),
-        "peak_memory_mb": round(peak_memory_mb(compute.device), 1),
     }

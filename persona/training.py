@@ -18,7 +18,8 @@ from transformers import TrainerCallback
 
 from persona.config import TrainConfig
 from persona.distributed import check_world_size
-from persona.models import BASE_INFO, Compute
+from persona.hardware import Compute
+from persona.models import BASE_INFO
 
 log = logging.getLogger(__name__)
 FINGERPRINT = "fingerprint.json"

@@ -18,6 +18,7 @@ from persona.chat_format import messages_for
 from persona.config import ConfigError
 from persona.generation import Decoding, generate
 from persona.models import policy
+from persona.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 DEFAULT_PERSONA = "I love hiking in the mountains. | I have two dogs. | I work as a night nurse."
@@ -37,7 +38,7 @@ class Demo:
 
     def answer(self, name: str, facts: list[str], turns: list[tuple[int, str]]) -> tuple[str, float]:
         """The reply of policy `name` to the dialogue so far, and its persona score."""
-        decoding = replace(self.decoding, seed=self.decoding.seed + len(turns))
+        decoding = replace(self.decoding, seed=derive_seed(self.decoding.seed, "chat-turn", len(turns)))
         with self.lock, policy(self.model, name) as active:
             reply = generate(active, self.tokenizer, [messages_for(facts, turns, BOT)], decoding)[0].text
         return reply, max(self.embedder.fact_similarity(reply, [facts]))
@@ -64,7 +65,7 @@ def build_app(demo: Demo):
         try:
             facts = parse_persona(persona_text, flag="persona")
         except ConfigError as error:
-            raise gr.Error(str(error))
+            raise gr.Error(str(error)) from None
         if facts != state["facts"]:  # a new persona starts a new conversation
             state = fresh(facts)
         for side, name in (("left", left), ("right", right)):

@@ -1,11 +1,5 @@
-"""DVC stage `reward`: the persona-consistency reward model (LoRA + score head) on the pairs."""
-from pathlib import Path
+"""DVC stage `reward`: the persona-consistency reward model, LoRA + score head (started by persona.launch)."""
+from persona.reward import run
+from persona.runner import main
 
-from persona import stage
-from persona.reward import train_reward
-
-params = stage.start()
-metrics = train_reward(params, pairs_dir=Path("data/pairs"), base_path=Path("models/base"),
-                       out_dir=Path("models/reward"), checkpoint_dir=Path("checkpoints/reward"),
-                       live_dir=Path("dvclive/reward"))
-stage.write_metrics("reward", metrics)
+main("reward", run)

@@ -44,6 +44,7 @@ def sft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     """A LoRA adapter on the tiny model with non-zero B, so the SFT policy really differs from the base."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
+
     from persona.models import lora_config
     torch.manual_seed(1)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(params_with().lora))

@@ -8,12 +8,12 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from persona.__main__ import main as cli
 from persona.chat import ChatSession, load_chat_models, parse_persona, run_terminal
 from persona.config import ConfigError
 from persona.export import export_merged
 from persona.generation import Decoding, generate
 from persona.models import lora_config
-from persona.__main__ import main as cli
 from tests.conftest import params_with
 
 GREEDY = Decoding(max_new_tokens=8, temperature=0, batch_size=1)

@@ -5,8 +5,16 @@ import copy
 
 import pytest
 
-from persona.chat_format import (PERSONA_HEADER, PROJECT_TEMPLATE, dialogue_examples, encode_messages,
-                                 ensure_chat_template, messages_for, persona_prompt, render)
+from persona.chat_format import (
+    PERSONA_HEADER,
+    PROJECT_TEMPLATE,
+    dialogue_examples,
+    encode_messages,
+    ensure_chat_template,
+    messages_for,
+    persona_prompt,
+    render,
+)
 from persona.data import Dialogue
 
 EOT = "<|im_end|>"

@@ -9,9 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from persona.data import (COLUMNS, MALFORMED_KINDS, SAMPLE_DIR, Dialogue, Malformed, MalformedRowError,
-                          load_dialogues, parse_row, persona_key, prepare, read_dialogues, sample_fraction,
-                          split_by_persona)
+from persona import data
+from persona.data import (
+    COLUMNS,
+    MALFORMED_KINDS,
+    Dialogue,
+    Malformed,
+    MalformedRowError,
+    load_dialogues,
+    parse_row,
+    persona_key,
+    read_dialogues,
+    sample_fraction,
+    split_by_persona,
+)
+from persona.paths import DEFAULT, Paths
+from tests.conftest import REPO, params_with
 
 HUB_ID = "google/Synthetic-Persona-Chat"
 SPC_VALID = Path(__file__).resolve().parents[2] / "shared/data/synthetic-persona-chat/valid.csv"
@@ -77,7 +90,7 @@ def test_well_formed_row(tmp_path):
         (0, "Very long. Coffee is my best friend."),
         (1, "Audiobooks are mine."),
     ]
-    assert dialogue.origin == f"{path}:2"
+    assert dialogue.origin == f"{path.name}:2"  # relative to the source, never the clone's folder
 
 
 def test_persona_facts_are_stripped_and_blank_lines_ignored():
@@ -130,7 +143,7 @@ def test_skip_reports_origins_with_line_numbers(tmp_path):
     _, report = load_dialogues(str(path), HUB_ID, "skip", tmp_path)
     expected, line = [], 2
     for r in rows:
-        expected.append(f"{path}:{line}")
+        expected.append(f"{path.name}:{line}")
         line += physical_lines(r)
     assert [m.origin for m in report.malformed] == expected[1:]
 
@@ -195,10 +208,11 @@ def test_prepare_writes_splits_and_metrics(tmp_path):
     """prepare writes train/valid/test/malformed jsonl and reports counts consistent with them."""
     source = tmp_path / "spc"
     source.mkdir()
-    shutil.copy(SAMPLE_DIR / "conversations.csv", source / "a_sample.csv")
+    shutil.copy(REPO / DEFAULT.sample / "conversations.csv", source / "a_sample.csv")
     write_csv(source / "b_bad.csv", [row(*MALFORMED_ROWS[k]) for k in MALFORMED_KINDS])
     out = tmp_path / "prepared"
-    metrics = prepare("spc", HUB_ID, 1.0, "skip", 0.1, 0.1, 42, out, base_dir=tmp_path)
+    params = params_with(seed=42, data={"source": "spc", "fraction": 1.0})
+    metrics = data.run(params, Paths(params=tmp_path / "params.yaml", prepared=out))
 
     sample, _ = load_dialogues("sample", HUB_ID, "fail")
     assert metrics["rows"] == len(sample) + len(MALFORMED_KINDS)
@@ -215,15 +229,32 @@ def test_prepare_writes_splits_and_metrics(tmp_path):
 
     malformed = [json.loads(line) for line in (out / "malformed.jsonl").read_text().splitlines()]
     assert [m["kind"] for m in malformed] == list(MALFORMED_KINDS)
-    assert all("b_bad.csv:" in m["origin"] and m["detail"] for m in malformed)
+    assert all(m["origin"].startswith("b_bad.csv:") and m["detail"] for m in malformed)
 
 
 def test_prepare_fraction_samples(tmp_path):
     """A fraction < 1 shrinks what is split to round(n * fraction)."""
-    metrics = prepare("sample", HUB_ID, 0.33, "skip", 0.1, 0.1, 7, tmp_path / "out")
+    metrics = data.run(params_with(seed=7, data={"fraction": 0.33}), Paths(prepared=tmp_path / "out"))
     assert metrics["sampled"] == round(metrics["parsed"] * 0.33) < metrics["parsed"]
     total = sum(metrics[f"{n}_dialogues"] for n in ("train", "valid", "test"))
     assert total + metrics["dropped_persona_overlap"] == metrics["sampled"]
+
+
+def test_prepare_gives_the_same_bytes_in_any_clone_folder(tmp_path):
+    """Origins are relative to the data source: a clone elsewhere (another machine, Colab) hashes the same."""
+    outputs = []
+    for clone in (tmp_path / "a", tmp_path / "somewhere" / "much" / "deeper"):
+        shutil.copytree(REPO / DEFAULT.sample, clone / DEFAULT.sample)
+        shutil.copy(REPO / DEFAULT.params, clone / DEFAULT.params)
+        paths = Paths.under(clone, params=clone / DEFAULT.params)
+        data.run(params_with(data={"fraction": 1.0}), paths)
+        files = sorted(paths.prepared.iterdir())
+        outputs.append({f.name: f.read_bytes() for f in files})
+        assert not any(str(tmp_path).encode() in content for content in outputs[-1].values())
+    assert outputs[0] == outputs[1]
+    assert set(outputs[0]) == {"train.jsonl", "valid.jsonl", "test.jsonl", "malformed.jsonl"}
+    first = json.loads(outputs[0]["train.jsonl"].splitlines()[0])
+    assert first["origin"].startswith("conversations.csv:")
 
 
 # --- sampling --------------------------------------------------------------------------------------

@@ -9,17 +9,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig
 
+from persona.__main__ import main as cli
+from persona.chat_format import Prompt, select_prompts
 from persona.config import ConfigError
 from persona.data import load_dialogues, split_by_persona
-from persona.chat_format import Prompt, select_prompts
 from persona.evaluate import evaluate, write_outputs
 from persona.generation import Decoding, generate_replies
 from persona.likelihood import reply_logprobs
-from persona.__main__ import main as cli
 from tests.conftest import REPO, SHARED_SPC, params_with
 
-SMALL = {"policies": ["base", "sft"], "n": 6, "likelihood_n": 3, "persona_candidates": 3, "grounding_candidates": 4, "hits_n": 2,
-         "reply_candidates": 4, "multiturn_n": 2, "multiturn_turns": 2, "perplexity_sequences": 2,
+SMALL = {"policies": ["base", "sft"], "n": 6, "likelihood_n": 3, "persona_candidates": 3, "grounding_candidates": 4,
+         "hits_n": 2, "reply_candidates": 4, "multiturn_n": 2, "multiturn_turns": 2, "perplexity_sequences": 2,
          "max_new_tokens": 6, "batch_size": 4, "bootstrap": 50}
 
 
@@ -94,10 +94,10 @@ def run_evaluate(test_dialogues, tiny_model_dir, sft_adapter, **changes):
 
 def test_evaluate_writes_every_output_with_cis(test_dialogues, tiny_model_dir, sft_adapter, tmp_path):
     result, samples = run_evaluate(test_dialogues, tiny_model_dir, sft_adapter)
-    paths = [tmp_path / n for n in ("eval.json", "samples.jsonl", "report.md", "bars.csv", "eval.png")]
+    paths = [tmp_path / n for n in ("samples.jsonl", "report.md", "bars.csv", "eval.png")]
     write_outputs(result, samples, *paths)
     assert all(p.stat().st_size > 0 for p in paths)
-    saved = json.loads(paths[0].read_text())
+    saved = json.loads(json.dumps(result))  # what metrics/eval.json holds
     for name in ("base", "sft"):
         block = saved[name]
         assert block["grounding_top1_n"] == 6 and block["persona_gain_n"] == 3
@@ -108,9 +108,9 @@ def test_evaluate_writes_every_output_with_cis(test_dialogues, tiny_model_dir, s
         assert set(block) >= {"multiturn_grounding_top1_turn1", "multiturn_grounding_top1_turn2", "reply_hits1"}
     assert saved["base"]["persona_gain"] != saved["sft"]["persona_gain"]  # the adapter is really switched
     assert "NLI" in saved["unavailable"]["nli"] or "nli" in saved["unavailable"]["nli"]
-    first = json.loads(paths[1].read_text().splitlines()[0])
+    first = json.loads(paths[0].read_text().splitlines()[0])
     assert {"persona", "history", "gold", "base", "sft"} <= set(first)
-    assert "| grounding_top1 |" in paths[2].read_text()
+    assert "| grounding_top1 |" in paths[1].read_text()
 
 
 def test_evaluate_is_deterministic(test_dialogues, tiny_model_dir, sft_adapter):
@@ -162,8 +162,8 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 
 def test_a_reply_repeating_a_fact_ranks_its_persona_first_and_parrots():
     """The real bundled MiniLM judge: reciting a fact identifies the persona (and is flagged as parroting)."""
-    from persona.judges import Embedder
     from persona.evaluate import grounding
+    from persona.judges import Embedder
     from persona.metrics import parrots
     personas = [["I have two beagles.", "I work night shifts as a nurse."],
                 ["I collect vintage stamps.", "I live in Lisbon."],

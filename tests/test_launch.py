@@ -5,15 +5,14 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from persona.config import ConfigError, LaunchConfig
+from persona.hardware import Compute, Machine, resolve_compute
 from persona.launch import accelerate_command, check_machine, config_file
-from persona.models import Compute, Machine, resolve_compute
 from tests.conftest import REPO, params_with
 
 CPU = Machine(gpus=0, bf16=False, cpus=2)
@@ -33,22 +32,22 @@ def test_compute_resolution(quant, precision, optimizer, machine, expected):
     assert (compute.device, compute.quant, compute.precision, compute.optimizer) == expected
 
 
-@pytest.mark.parametrize("section,changes,machine,key", [
+@pytest.mark.parametrize("stage,changes,machine,key", [
     ("sft", {"sft": {"precision": "bf16"}}, T4x2, "sft.precision"),  # T4 has no native bf16
-    ("ppo", {"ppo": {"precision": "fp16"}}, CPU, "ppo.precision"),
+    ("align", {"ppo": {"precision": "fp16"}}, CPU, "ppo.precision"),
     ("reward", {"reward": {"precision": "bf16"}}, CPU, "reward.precision"),
     ("sft", {"sft": {"optimizer": "paged_adamw_8bit"}}, CPU, "sft.optimizer"),
     ("sft", {"launch": LaunchConfig(processes=3)}, T4x2, "launch.processes"),
-    ("ppo", {"launch": LaunchConfig(processes=3)}, CPU, "launch.processes"),
+    ("align", {"launch": LaunchConfig(processes=3)}, CPU, "launch.processes"),
 ])
-def test_impossible_combinations_are_rejected_naming_the_key(section, changes, machine, key):
+def test_impossible_combinations_are_rejected_naming_the_key(stage, changes, machine, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        check_machine(params_with(**changes), section, machine)
+        check_machine(params_with(**changes), stage, machine)
 
 
 def test_possible_combinations_pass():
     assert check_machine(params_with(launch=LaunchConfig(processes=2)), "sft", T4x2).precision == "fp16"
-    assert check_machine(params_with(launch=LaunchConfig(processes=2)), "ppo", CPU).device == "cpu"
+    assert check_machine(params_with(launch=LaunchConfig(processes=2)), "align", CPU).device == "cpu"
 
 
 def test_accelerate_command_lines(tmp_path):
@@ -62,7 +61,7 @@ def test_accelerate_command_lines(tmp_path):
     assert flag(one, "--num_processes") == "1" and flag(one, "--mixed_precision") == "no"
     assert flag(one, "--num_cpu_threads_per_process") == "2"
 
-    two = accelerate_command(LaunchConfig(processes=2), "stages.ppo", fp32, CPU, neutral)
+    two = accelerate_command(LaunchConfig(processes=2), "stages.align", fp32, CPU, neutral)
     assert "--multi_gpu" in two and flag(two, "--num_processes") == "2"
     assert flag(two, "--num_cpu_threads_per_process") == "1" and int(flag(two, "--main_process_port")) > 0
 
@@ -81,7 +80,8 @@ def flag(command: list[str], name: str) -> str:
 
 @pytest.mark.parametrize("changes,key", [({"sft": {"precision": "fp16"}}, "sft.precision"),
                                          ({"launch": {"processes": 64}}, "launch.processes"),
-                                         ({"launch": {"accelerate_config": "nowhere.yaml"}}, "launch.accelerate_config")])
+                                         ({"launch": {"accelerate_config": "nowhere.yaml"}},
+                                          "launch.accelerate_config")])
 def test_launcher_refuses_before_any_work(tmp_path, changes, key):
     """The DVC command fails in seconds, with the key named, before a model or a file is touched."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())

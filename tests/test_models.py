@@ -25,6 +25,17 @@ def test_local_directory_is_saved_as_an_equivalent_checkpoint(tiny_model_dir, tm
     torch.testing.assert_close(before, after)
 
 
+def test_base_output_is_the_same_bytes_wherever_it_is_written(tiny_model_dir, tmp_path):
+    """No version stamps, paths or times in models/base: a fresh clone's `base` hashes as the committed dvc.lock."""
+    outputs = []
+    for out in (tmp_path / "one" / "base", tmp_path / "two" / "deeper" / "base"):
+        materialize_base(str(tiny_model_dir), out)
+        outputs.append({f.name: f.read_bytes() for f in sorted(out.iterdir())})
+    assert outputs[0] == outputs[1]
+    assert not any(b"transformers_version" in content for content in outputs[0].values())
+    assert not any(str(tmp_path).encode() in content for content in outputs[0].values())
+
+
 def test_template_less_model_gets_the_project_template_and_a_pad_token(tiny_model_dir, tokenizer, tmp_path):
     plain = copy.deepcopy(tokenizer)
     plain.chat_template, plain.pad_token = None, None

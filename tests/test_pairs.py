@@ -10,8 +10,18 @@ from transformers import AutoModelForCausalLM
 from persona.chat_format import Prompt
 from persona.config import ConfigError, PairShares
 from persona.data import MalformedRowError, load_dialogues, persona_key, split_by_persona
-from persona.pairs import (BLAND_REPLIES, STRATEGIES, assign_strategies, build_pairs, closest_in_length, negate, pair_stats,
-                           read_pairs, strategy_counts, write_pairs)
+from persona.pairs import (
+    BLAND_REPLIES,
+    STRATEGIES,
+    assign_strategies,
+    build_pairs,
+    closest_in_length,
+    negate,
+    pair_stats,
+    read_pairs,
+    strategy_counts,
+    write_pairs,
+)
 from tests.conftest import params_with
 
 CFG = dataclasses.replace(params_with().pairs, max_new_tokens=6, batch_size=8, swap_candidates=3)
@@ -57,7 +67,8 @@ def test_strategy_counts_follow_shares_and_sum_to_n():
 def test_contradiction_only_where_a_fact_can_be_negated():
     prompts = [Prompt("a", 0, ["Cooking is my passion."], [(1, "hi")], "hello"),
                Prompt("b", 0, ["I have a cat."], [(1, "hi")], "hello")]
-    strategies = assign_strategies(prompts, {"swap": 0.5, "mismatch": 0.0, "contradiction": 0.5, "generic": 0.0}, random.Random(0))
+    shares = {"swap": 0.5, "mismatch": 0.0, "contradiction": 0.5, "generic": 0.0}
+    strategies = assign_strategies(prompts, shares, random.Random(0))
     assert strategies == ["swap", "contradiction"]
 
 

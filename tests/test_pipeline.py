@@ -74,9 +74,11 @@ def test_repro_builds_every_output(project):
     reward = json.loads((project / "metrics" / "reward.json").read_text())
     assert reward["steps"] == 2 and reward["n_pairs"] == 8 and 0 <= reward["accuracy"] <= 1
     assert (project / "models" / "reward" / "adapter_model.safetensors").exists()
-    ppo = json.loads((project / "metrics" / "ppo.json").read_text())
-    assert ppo["steps"] == 2 and ppo["processes"] == 1 and ppo["ppo_reward"] is not None
-    assert (project / "models" / "ppo" / "adapter_model.safetensors").exists()
+    align = json.loads((project / "metrics" / "align.json").read_text())
+    assert align["algorithm"] == "ppo" and align["steps"] == 2 and align["processes"] == 1
+    assert align["ppo_reward"] is not None and (project / "models" / "policy" / "adapter_model.safetensors").exists()
+    base = json.loads((project / "metrics" / "base.json").read_text())
+    assert base["architecture"] == "llama" and base["parameters"] > 0
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
     assert evaluation["n_prompts"] == 4 and {"base", "sft", "ppo", "gold"} <= set(evaluation)
     assert all(evaluation[p]["reward_score"] is not None for p in ("base", "sft", "ppo", "gold"))
@@ -97,7 +99,7 @@ def test_a_fresh_clone_pulls_instead_of_rerunning(project, tmp_path):
     sh("git", "clone", "-q", str(project), str(tmp_path / "clone"), cwd=tmp_path)
     sh("dvc", "pull", cwd=tmp_path / "clone")
     assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=tmp_path / "clone")
-    assert (tmp_path / "clone" / "models" / "ppo" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "clone" / "models" / "policy" / "adapter_model.safetensors").exists()
 
     # Only the DVC cache kept (say on a mounted Drive), not even dvc.lock: DVC's run-cache restores every stage
     # but `evaluate`, whose git-tracked outputs (report, samples) the run-cache does not cover: it reruns, and
@@ -108,17 +110,19 @@ def test_a_fresh_clone_pulls_instead_of_rerunning(project, tmp_path):
     assert not (tmp_path / "bare" / "dvc.lock").exists()
     sh("dvc", "cache", "dir", "--local", str(project / ".dvc" / "cache"), cwd=tmp_path / "bare")
     out = sh("dvc", "repro", cwd=tmp_path / "bare")
-    for stage in ("prepare", "base", "sft", "pairs", "reward", "ppo"):
+    for stage in ("prepare", "base", "sft", "pairs", "reward", "align"):
         assert f"Stage '{stage}' is cached - skipping run" in out, out
     assert "Running stage 'evaluate'" in out
-    assert without_timings(tmp_path / "bare" / "metrics" / "eval.json") == without_timings(project / "metrics" / "eval.json")
+    restored = without_timings(tmp_path / "bare" / "metrics" / "eval.json")
+    assert restored == without_timings(project / "metrics" / "eval.json")
 
 
 def without_timings(path: Path) -> dict:
     """A metrics file minus wall times and speeds, which differ run to run."""
     def strip(value):
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if not (k.endswith(("_s", "_per_s")) or k.startswith("time_"))}
+            return {k: strip(v) for k, v in value.items()
+                    if not (k.endswith(("_s", "_per_s")) or k.startswith("time_"))}
         return value
     return strip(json.loads(path.read_text()))
 
@@ -135,7 +139,7 @@ def change_param(project: Path, **sections) -> set[str]:
 def test_sft_param_change_reruns_only_sft_and_what_follows(project):
     assert change_param(project, sft={"lr": 1e-2}) == {"sft"}
     out = sh("dvc", "repro", cwd=project)
-    for stage in ("sft", "pairs", "reward", "ppo", "evaluate"):
+    for stage in ("sft", "pairs", "reward", "align", "evaluate"):
         assert f"Running stage '{stage}'" in out
     assert "Running stage 'prepare'" not in out and "Running stage 'base'" not in out
     diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=project))
@@ -145,7 +149,7 @@ def test_sft_param_change_reruns_only_sft_and_what_follows(project):
 def test_reward_param_change_reruns_only_reward_and_what_follows(project):
     assert change_param(project, reward={"lr": 5e-3}) == {"reward"}
     out = sh("dvc", "repro", cwd=project)
-    assert all(f"Running stage '{s}'" in out for s in ("reward", "ppo", "evaluate"))
+    assert all(f"Running stage '{s}'" in out for s in ("reward", "align", "evaluate"))
     assert all(f"Running stage '{s}'" not in out for s in ("prepare", "base", "sft", "pairs"))
 
 
@@ -158,23 +162,23 @@ def test_each_profile_gives_a_valid_dvc_pipeline(project, profile):
         dry = sh("dvc", "repro", "--dry", cwd=project)
     finally:
         (project / "params.yaml").write_text(tiny)
-    for stage in ("sft", "reward", "ppo"):
+    for stage in ("sft", "reward", "align"):
         assert f"> python -m persona.launch stages.{stage}" in dry
     if profile != "cpu-quick":  # a new base model: everything from `base` on must rerun
-        assert all(f"Running stage '{s}'" in dry for s in ("base", "sft", "pairs", "reward", "ppo", "evaluate"))
+        assert all(f"Running stage '{s}'" in dry for s in ("base", "sft", "pairs", "reward", "align", "evaluate"))
 
 
 def test_training_stages_run_as_two_process_ddp_on_cpu(project, tiny_model_dir):
-    """launch.processes 2: sft, reward and ppo rerun under accelerate as 2 CPU processes (gloo DDP).
+    """launch.processes 2: sft, reward and align rerun under accelerate as 2 CPU processes (gloo DDP).
 
     Real DDP: each process trained on other data, yet both held identical weights after a step.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    assert change_param(project, launch={"processes": 2}) == {"sft", "reward", "ppo"}
+    assert change_param(project, launch={"processes": 2}) == {"sft", "reward", "align"}
     sh("dvc", "repro", cwd=project)
-    for name in ("sft", "reward", "ppo"):
+    for name in ("sft", "reward", "align"):
         metrics = json.loads((project / "metrics" / f"{name}.json").read_text())
         assert (metrics["processes"], metrics["ranks_in_sync"], metrics["ranks_distinct_batches"]) == (2, True, True)
     sft = json.loads((project / "metrics" / "sft.json").read_text())

@@ -12,11 +12,14 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from persona.data import prepare, read_dialogues
+from persona import align, data
+from persona.data import read_dialogues
 from persona.generation import Decoding
-from persona.models import lora_config, resolve_compute
+from persona.hardware import resolve_compute
+from persona.models import lora_config
+from persona.paths import Paths
 from persona.ppo.rollout import episodes, pack, response_logits, rollout, token_logprobs
-from persona.ppo.trainer import PolicyWithValue, load_policy, ppo_step, reference, train_ppo
+from persona.ppo.trainer import PolicyWithValue, load_policy, ppo_step, reference
 from persona.reward import REWARD_INFO
 from tests.conftest import params_with
 
@@ -27,7 +30,7 @@ TINY_PPO = {"max_steps": 4, "rollout_batch_size": 4, "minibatch_size": 2, "max_n
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("prepared")
-    prepare("sample", "unused", 0.5, "skip", 0.1, 0.1, seed=1, out_dir=folder)
+    data.run(params_with(seed=1, data={"fraction": 0.5}), Paths(prepared=folder))
     return folder
 
 
@@ -172,7 +175,9 @@ def test_multi_turn_rollout_feeds_replies_back(tiny_model_dir, tokenizer, prepar
 
 
 def run(params, prepared, tiny, sft, reward, tmp: Path, **kwargs):
-    return train_ppo(params, prepared, tiny, sft, reward, tmp / "ppo", tmp / "ckpt", tmp / "live", **kwargs)
+    paths = Paths(prepared=prepared, base=tiny, sft=sft, reward=reward, policy=tmp / "ppo", checkpoints=tmp / "ckpt",
+                  curves=tmp / "live")
+    return align.run(params, paths, **kwargs)
 
 
 def test_stage_metrics_and_resume_after_interruption(tiny_model_dir, sft_adapter, reward_adapter, prepared, tmp_path):
@@ -182,10 +187,10 @@ def test_stage_metrics_and_resume_after_interruption(tiny_model_dir, sft_adapter
     for key in ("sft_reward", "ppo_reward", "held_out_kl", "rollout_tokens_per_s", "peak_memory_mb"):
         assert straight[key] is not None
     assert (tmp_path / "a" / "ppo" / "adapter_config.json").exists()
-    assert list((tmp_path / "a" / "live" / "plots" / "metrics").rglob("kl_coef.tsv"))
+    assert list((tmp_path / "a" / "live" / "align" / "plots" / "metrics").rglob("kl_coef.tsv"))
 
     interrupted = run(params, prepared, tiny_model_dir, sft_adapter, reward_adapter, tmp_path / "b", stop_after=3)
-    assert interrupted == {"stopped_after": 3}
+    assert interrupted == {"algorithm": "ppo", "stopped_after": 3}
     resumed = run(params, prepared, tiny_model_dir, sft_adapter, reward_adapter, tmp_path / "b")
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
     a = load_file(tmp_path / "a" / "ppo" / "adapter_model.safetensors")

@@ -10,15 +10,23 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from persona import reward as reward_stage
 from persona.config import ConfigError, PairShares
 from persona.data import load_dialogues, split_by_persona
 from persona.models import lora_config
 from persona.pairs import build_pairs, write_pairs
-from persona.reward import RewardModel, held_out_metrics, reward_chat, train_reward
+from persona.paths import Paths
+from persona.reward import RewardModel, held_out_metrics, reward_chat
 from tests.conftest import params_with
 
 TINY_REWARD = {"max_steps": 24, "batch_size": 4, "save_steps": 12, "eval_steps": 12, "logging_steps": 4,
                "max_eval_sequences": 4, "lr": 3e-2, "lora_top_layers": 1, "score_batch_size": 8}
+
+
+def train(params, pairs_dir: Path, base: Path, out: Path) -> dict:
+    """The reward stage with its adapter in out/adapter, checkpoints in out/ckpt/reward, curves in out/live/reward."""
+    paths = Paths(pairs=pairs_dir, base=base, reward=out / "adapter", checkpoints=out / "ckpt", curves=out / "live")
+    return reward_stage.run(params, paths)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +46,7 @@ def pairs_dir(tiny_model_dir, tokenizer, tmp_path_factory) -> Path:
 def trained(pairs_dir, tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("reward")
     params = params_with(reward=TINY_REWARD, model={"max_length": 256})
-    metrics = train_reward(params, pairs_dir, tiny_model_dir, out / "adapter", out / "ckpt", out / "live")
+    metrics = train(params, pairs_dir, tiny_model_dir, out)
     return metrics, out
 
 
@@ -50,8 +58,8 @@ def test_reward_trains_and_reports(trained):
     assert 0 <= metrics["persona_only_accuracy"] <= 1 and metrics["n_length_matched"] > 0
     assert metrics["score_std"] > 0 and metrics["trainable_params"] > 0
     assert (out / "adapter" / "reward_info.json").exists()
-    assert list((out / "live" / "plots" / "metrics").rglob("*.tsv"))
-    assert not list((out / "ckpt").glob("checkpoint-*"))
+    assert list((out / "live" / "reward" / "plots" / "metrics").rglob("*.tsv"))
+    assert not list((out / "ckpt" / "reward").glob("checkpoint-*"))
 
 
 def test_training_widens_the_margin_on_training_pairs(trained, pairs_dir, tiny_model_dir, tokenizer):
@@ -106,12 +114,12 @@ def test_score_api_builds_the_policy_chat(trained, tiny_model_dir):
 
 def test_lora_on_top_layers_only(pairs_dir, tiny_model_dir, tmp_path):
     params = params_with(reward={**TINY_REWARD, "max_steps": 1, "lora_top_layers": 1}, model={"max_length": 256})
-    train_reward(params, pairs_dir, tiny_model_dir, tmp_path / "a", tmp_path / "c", tmp_path / "l")
-    keys = [k for k in load_file(tmp_path / "a" / "adapter_model.safetensors") if "lora_" in k]
+    train(params, pairs_dir, tiny_model_dir, tmp_path / "a")
+    keys = [k for k in load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors") if "lora_" in k]
     assert keys and all(".layers.1." in k for k in keys)
     too_many = params_with(reward={**TINY_REWARD, "lora_top_layers": 3}, model={"max_length": 256})
     with pytest.raises(ConfigError, match="reward.lora_top_layers"):
-        train_reward(too_many, pairs_dir, tiny_model_dir, tmp_path / "b", tmp_path / "c2", tmp_path / "l2")
+        train(too_many, pairs_dir, tiny_model_dir, tmp_path / "b")
 
 
 def test_merged_reward_model_scores_like_the_adapter(tiny_model_dir, tokenizer):

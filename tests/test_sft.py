@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from persona.data import prepare
-from persona.sft import train_sft
+from persona import data, sft
+from persona.paths import Paths
 from tests.conftest import params_with
 
 TINY_SFT = {"max_steps": 4, "batch_size": 2, "save_steps": 2, "eval_steps": 2, "logging_steps": 1,
@@ -20,12 +20,13 @@ TINY_SFT = {"max_steps": 4, "batch_size": 2, "save_steps": 2, "eval_steps": 2, "
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("prepared")
-    prepare("sample", "unused", 0.5, "skip", 0.1, 0.1, seed=1, out_dir=folder)
+    data.run(params_with(seed=1, data={"fraction": 0.5}), Paths(prepared=folder))
     return folder
 
 
 def run(params, prepared, base, tmp: Path, callbacks=()):
-    return train_sft(params, prepared, base, tmp / "adapter", tmp / "ckpt", tmp / "live", callbacks=callbacks)
+    paths = Paths(prepared=prepared, base=base, sft=tmp / "adapter", checkpoints=tmp / "ckpt", curves=tmp / "live")
+    return sft.run(params, paths, callbacks=callbacks)
 
 
 def adapter_weights(folder: Path) -> dict:
@@ -38,9 +39,11 @@ def test_sft_trains_and_reports(prepared, tiny_model_dir, tmp_path):
     assert metrics["steps"] == 4 and metrics["quant"] == "none" and metrics["precision"] == "fp32"
     assert metrics["eval_nll"] < metrics["base_eval_nll"]  # lr 5e-3 on a random model: learns fast
     assert 0 < metrics["trainable_pct"] < 100 and metrics["tokens_per_s"] > 0
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
-    assert not list((tmp_path / "ckpt").glob("checkpoint-*"))  # a finished run leaves nothing to resume
-    assert (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").exists()
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "peft_version" not in config and config["target_modules"] == sorted(config["target_modules"])
+    assert not (tmp_path / "adapter" / "README.md").exists()  # peft's placeholder card carries its version
+    assert not list((tmp_path / "ckpt" / "sft").glob("checkpoint-*"))  # a finished run leaves nothing to resume
+    assert (tmp_path / "live" / "sft" / "plots" / "metrics" / "train" / "loss.tsv").exists()
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(prepared, tiny_model_dir, tmp_path):
@@ -54,7 +57,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(prepared, tiny_model_dir, t
     params = params_with(sft=TINY_SFT)
     with pytest.raises(KeyboardInterrupt):
         run(params, prepared, tiny_model_dir, tmp_path / "killed", callbacks=[Crash()])
-    assert (tmp_path / "killed" / "ckpt" / "checkpoint-2").is_dir()
+    assert (tmp_path / "killed" / "ckpt" / "sft" / "checkpoint-2").is_dir()
     resumed = run(params, prepared, tiny_model_dir, tmp_path / "killed")
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
 
@@ -70,7 +73,7 @@ def test_checkpoints_of_other_params_are_not_resumed(prepared, tiny_model_dir, t
     run(params_with(sft={**TINY_SFT, "max_steps": 2}), prepared, tiny_model_dir, tmp_path)
     changed = run(params_with(sft={**TINY_SFT, "max_steps": 2, "lr": 1e-3}), prepared, tiny_model_dir, tmp_path)
     assert changed["resumed_from_step"] == 0
-    assert json.loads((tmp_path / "ckpt" / "fingerprint.json").read_text())["train"]["lr"] == 1e-3
+    assert json.loads((tmp_path / "ckpt" / "sft" / "fingerprint.json").read_text())["train"]["lr"] == 1e-3
 
 
 def test_qlora_nf4_trains_on_cpu(prepared, tiny_model_dir, tmp_path):

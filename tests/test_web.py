@@ -42,7 +42,7 @@ def browser(tmp_path_factory):
 def demo_url(tiny_model_dir, sft_adapter, tmp_path_factory):
     from persona.web import serve
     port = free_port()
-    app = serve(tiny_model_dir, {"sft": sft_adapter, "ppo": tmp_path_factory.mktemp("no-ppo")},
+    app = serve(tiny_model_dir, {"sft": sft_adapter, "aligned": tmp_path_factory.mktemp("no-policy")},
                 Decoding(max_new_tokens=6, temperature=0, batch_size=1), "all-minilm-l6-v2", port=port, block=False)
     yield f"http://127.0.0.1:{port}/"
     app.close()
@@ -56,7 +56,7 @@ def test_type_a_message_see_a_reply_switch_model(browser, demo_url):
     browser.get(demo_url)
     box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#message textarea"))
     labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#model-left label")]
-    assert labels == ["base", "sft"]  # ppo has no adapter here, so it is not offered
+    assert labels == ["base", "sft"]  # the aligned policy has no adapter here, so it is not offered
 
     box.send_keys("hello! do you have pets?")
     browser.find_element(By.ID, "send").click()

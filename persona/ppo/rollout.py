@@ -8,13 +8,14 @@ were sampled with.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from persona.chat_format import Prompt, render
 from persona.data import Dialogue
 from persona.generation import Decoding, Reply, generate
+from persona.seeds import derive_seed
 
 
 @dataclass
@@ -33,15 +34,14 @@ def episodes(dialogues: list[Dialogue], turns: int, max_history: int) -> list[Ep
             follow = d.turns[i + 1: i + 2 * (turns - 1): 2]
             if any(who == speaker for who, _ in follow):
                 continue  # the partner must speak between policy turns
-            prompt = Prompt(d.id, speaker, d.personas[speaker], d.turns[max(0, i - max_history):i], d.turns[i][1])
-            out.append(Episode(prompt, [text for _, text in follow]))
+            out.append(Episode(Prompt.at(d, i, max_history), [text for _, text in follow]))
     return out
 
 
 def sample_order(n: int, step: int, seed: int) -> list[int]:
     """A fresh seeded permutation of the episodes for each pass over them."""
     order = list(range(n))
-    random.Random(seed * 100_003 + step).shuffle(order)
+    random.Random(derive_seed(seed, "episode-order", step)).shuffle(order)
     return order
 
 
@@ -56,8 +56,7 @@ def rollout(model, tokenizer, batch: list[Episode], turns: int, decoding: Decodi
     chats = [e.prompt.chat() for e in batch]
     samples = []
     for k in range(turns):
-        step_decoding = Decoding(decoding.max_new_tokens, decoding.temperature, decoding.top_p, decoding.batch_size,
-                                 decoding.seed * 31 + k)
+        step_decoding = replace(decoding, seed=derive_seed(decoding.seed, "turn", k))
         replies = generate(model, tokenizer, chats, step_decoding)
         samples += [Sample(chat, reply) for chat, reply in zip(chats, replies)]
         if k + 1 < turns:
@@ -77,11 +76,11 @@ class Packed:
     def position_ids(self) -> torch.Tensor:
         return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
 
-    def to(self, device) -> "Packed":
+    def to(self, device) -> Packed:
         return Packed(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
                       self.prompt_width)
 
-    def rows(self, index: torch.Tensor) -> "Packed":
+    def rows(self, index: torch.Tensor) -> Packed:
         return Packed(self.input_ids[index], self.attention_mask[index], self.response_mask[index], self.prompt_width)
 
 

@@ -32,13 +32,15 @@ from persona.config import Params, PPOConfig
 from persona.data import read_dialogues
 from persona.distributed import agreement, check_world_size, not_checked
 from persona.generation import Decoding
-from persona.models import load_for_training, peak_memory_mb, resolve_compute
+from persona.hardware import resolve_compute, run_metrics
+from persona.models import load_for_training, save_model
+from persona.paths import Paths
 from persona.ppo.advantages import gae, token_rewards, whiten
 from persona.ppo.kl import kl_controller, kl_per_token
 from persona.ppo.losses import entropy, policy_loss, value_loss
-from persona.ppo.rollout import (Episode, Packed, episodes, pack, response_logits, rollout, sample_order,
-                                 token_logprobs)
+from persona.ppo.rollout import Episode, Packed, episodes, pack, response_logits, rollout, sample_order, token_logprobs
 from persona.reward import REWARD_INFO, RewardModel
+from persona.seeds import derive_seed
 from persona.training import build_optimizer, fingerprint, open_live
 
 log = logging.getLogger(__name__)
@@ -105,7 +107,7 @@ def score_replies(reward_model: RewardModel, samples, cfg: PPOConfig, stats: dic
 
 
 def seed_step(seed: int, step: int, process: int) -> int:
-    value = (seed * 1_000_003 + step * 9_973 + process) % 2**31
+    value = derive_seed(seed, "ppo-step", step, process)
     torch.manual_seed(value)
     return value
 
@@ -233,13 +235,16 @@ def load_state(folder: Path, expected: dict) -> dict | None:
     return state
 
 
-def train_ppo(params: Params, prepared: Path, base_path: Path, sft_path: Path, reward_path: Path, out_dir: Path,
-              checkpoint_dir: Path, live_dir: Path | None, stop_after: int | None = None) -> dict:
-    """The `ppo` stage. `stop_after` ends the run early after that step (for tests of resuming);
-    `live_dir` None = no dvclive curves."""
+def train_ppo(params: Params, paths: Paths, stop_after: int | None = None) -> dict:
+    """PPO from the SFT adapter to `paths.policy` (the `align` stage with `align.algorithm: ppo`).
+
+    `stop_after` ends the run early after that step (for tests of resuming).
+    """
     from accelerate import Accelerator
 
     cfg = params.ppo
+    prepared, base_path, sft_path, reward_path = paths.prepared, paths.base, paths.sft, paths.reward
+    out_dir, checkpoint_dir = paths.policy, paths.checkpoint_dir("align")
     compute = resolve_compute(cfg.quant, cfg.precision, "ppo", cfg.optimizer)
     accelerator = Accelerator(cpu=compute.device == "cpu",
                               mixed_precision=compute.mixed_precision)
@@ -273,7 +278,7 @@ def train_ppo(params: Params, prepared: Path, base_path: Path, sft_path: Path, r
     module, optimizer = accelerator.prepare(module, optimizer)
     unwrapped = accelerator.unwrap_model(module)
 
-    live = open_live(live_dir, first_step > 0, accelerator.is_main_process)
+    live = open_live(paths.curves_dir("align"), first_step > 0, accelerator.is_main_process)
     stopped, skipped, last, steps_done, ranks = "", 0, {}, first_step, None
     for step in tqdm(range(first_step, cfg.max_steps), desc="ppo", disable=not accelerator.is_main_process):
         step_seed = seed_step(params.seed, step, accelerator.process_index)
@@ -308,8 +313,7 @@ def train_ppo(params: Params, prepared: Path, base_path: Path, sft_path: Path, r
     ppo_rewards, held_out_kl = held_out_reward(unwrapped.policy, tokenizer, reward_model, eval_prompts, cfg,
                                                params.seed, accelerator)
     if accelerator.is_main_process:
-        unwrapped.policy.save_pretrained(out_dir, selected_adapters=[TRAINABLE])
-        tokenizer.save_pretrained(out_dir)
+        save_model(unwrapped.policy, tokenizer, out_dir, selected_adapters=[TRAINABLE])
         torch.save(unwrapped.value_head.state_dict(), out_dir / "value_head.pt")
         if live:
             live.end()
@@ -328,7 +332,6 @@ def train_ppo(params: Params, prepared: Path, base_path: Path, sft_path: Path, r
         "held_out_kl": round(held_out_kl, 4), "final_kl_coef": round(controller.value, 5),
         "final_train_reward": round(last.get("reward", float("nan")), 4),
         "rollout_tokens_per_s": round(last.get("rollout_tokens_per_s", float("nan")), 1),
-        "quant": compute.quant, "precision": compute.precision, "device": compute.device,
-        "optimizer": compute.optimizer, "reference": cfg.reference, "turns": cfg.turns,
-        "wall_s": round(time.perf_counter() - started, 1), "peak_memory_mb": round(peak_memory_mb(compute.device), 1),
+        **run_metrics(compute), "reference": cfg.reference, "turns": cfg.turns,
+        "wall_s": round(time.perf_counter() - started, 1),
     }

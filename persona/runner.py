@@ -1,21 +1,30 @@
-"""What every DVC stage script does first and last: logging, params, metrics JSON."""
+"""What every DVC stage script does: logging, params checked before any work, `run(params)`, metrics JSON.
+
+A stage script is `runner.main("sft", run)`. Errors a user can cause (bad params, a malformed
+row, a missing input) print one line naming the key, file or row, and exit 2.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from persona.config import ConfigError, Params, load_params
 from persona.data import MalformedRowError
+from persona.paths import DEFAULT
 
 USER_ERRORS = (ConfigError, MalformedRowError, FileNotFoundError)
 
-METRICS_DIR = Path("metrics")
+
+def main(stage: str, run: Callable[[Params], dict]) -> None:
+    """Run one DVC stage: its params, its `run`, then its metrics file (paths.METRICS_FILES)."""
+    write_metrics(DEFAULT.metrics_file(stage), run(start()))
 
 
-def start(params_path: str = "params.yaml") -> Params:
+def start(params_path: str | Path = DEFAULT.params) -> Params:
     """Configure logging and load + validate params before any work starts."""
     sys.excepthook = _report_user_errors
     start_logging()
@@ -30,14 +39,13 @@ def start_logging() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def write_metrics(name: str, metrics: dict) -> Path:
-    """metrics/<name>.json, flat and sorted so `dvc metrics diff` lines up across commits (rank 0 only)."""
-    path = METRICS_DIR / f"{name}.json"
+def write_metrics(path: Path, metrics: dict) -> Path:
+    """Sorted JSON, so `dvc metrics diff` lines up across commits (rank 0 only)."""
     if not is_main_process():
         return path
-    METRICS_DIR.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    logging.getLogger("persona").info("wrote %s: %s", path, json.dumps(metrics, sort_keys=True))
+    logging.getLogger("persona").info("wrote %s", path)
     return path
 
 
