@@ -76,7 +76,7 @@ def evaluate_command(args) -> None:
 def decoding_from(args):
     from persona.generation import Decoding
     return Decoding(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    batch_size=1, seed=args.seed)
+                    top_k=args.top_k, batch_size=1, seed=args.seed)
 
 
 def chat_command(args) -> None:
@@ -110,6 +110,7 @@ def add_decoding(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 = no cut")
     parser.add_argument("--seed", type=int, default=0)
 
 

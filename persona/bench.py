@@ -115,8 +115,9 @@ def ppo_experience(variant: str, model_path: Path, steps: int, batch_size: int, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from persona.ppo.rollout import episodes, pack, response_logits, rollout, token_logprobs
-    from persona.ppo.trainer import load_policy, reference
+    from persona.models import policy as switch_to
+    from persona.ppo.policy import load_policy, reference_name
+    from persona.ppo.rollout import episodes, exact_decoding, pack, response_logits, rollout, token_logprobs
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an optional CPU kernel it lives without
     params = load_params()
@@ -124,13 +125,13 @@ def ppo_experience(variant: str, model_path: Path, steps: int, batch_size: int, 
     compute = resolve_compute("none", "auto", "bench")
     policy, tokenizer = load_policy(model_path, DEFAULT.sft, cfg, compute)
     if variant != "copy":
-        anchor = lambda: reference(policy, cfg.reference)  # noqa: E731
+        anchor = lambda: switch_to(policy, reference_name(cfg.reference))  # noqa: E731
     else:
         copy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         copy = PeftModel.from_pretrained(copy, str(DEFAULT.sft)).merge_and_unload().eval().to(compute.device)
         anchor = lambda: nullcontext(copy)  # noqa: E731
     pool = episodes(read_dialogues(DEFAULT.prepared / "train.jsonl"), 1, cfg.max_history_turns)
-    decoding = Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, batch_size, params.seed)
+    decoding = exact_decoding(dataclasses.replace(cfg, batch_size=batch_size), params.seed)
     tokens, started = 0, 0.0
     for step in range(steps + 1):
         if step == 1:

@@ -32,6 +32,17 @@ class ConfigError(ValueError):
     """A bad parameter; the message names its key (e.g. `sft.lr`)."""
 
 
+# Keys and values a params.yaml once had: an old file fails with the reason, not just "unknown key".
+RETIRED_KEYS = {
+    "ppo.top_p": "removed: PPO scores the full softmax at ppo.temperature, so it samples from it (no top-p/top-k cut)",
+    "ppo.kl_horizon": "replaced by ppo.kl_horizon_fraction (the controller's horizon as a share of the run's samples)",
+}
+RETIRED_VALUES = {
+    ("ppo.kl_estimator", "k3"): "k3 is no longer accepted: as a reward its gradient is not grad KL(pi || ref) "
+                                "(biased, no restoring force near the reference); use k1 (reward) or k2 (loss)",
+}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "sample"
@@ -146,6 +157,7 @@ class PairsConfig:
     max_new_tokens: int = 32
     temperature: float = 0.7
     top_p: float = 0.9
+    top_k: int = 0
     batch_size: int = 8
 
     def validate(self) -> None:
@@ -157,6 +169,7 @@ class PairsConfig:
         _check(abs(sum(shares.values()) - 1) < 1e-6, "pairs.shares", f"must sum to 1, not {sum(shares.values()):g}")
         _check(self.temperature > 0, "pairs.temperature", "must be > 0 (pairs need sampled replies)")
         _check(0 < self.top_p <= 1, "pairs.top_p", "must be in (0, 1]")
+        _check(self.top_k >= 0, "pairs.top_k", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -188,7 +201,6 @@ class PPOConfig:
     max_history_turns: int = 4
     max_new_tokens: int = 32
     temperature: float = 0.8
-    top_p: float = 1.0
     minibatch_size: int = 4
     ppo_epochs: int = 2
     lr: float = 2e-4
@@ -200,10 +212,10 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2"] = "k1"
     kl_coef: float = 0.05
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
+    kl_target: float = 2.0
+    kl_horizon_fraction: float = 0.25
     kl_stop: float = 20.0
     kl_negative_tolerance: float = 2.0
     normalize_reward: bool = True
@@ -215,17 +227,23 @@ class PPOConfig:
 
     def validate(self) -> None:
         for key in ("max_steps", "rollout_batch_size", "max_new_tokens", "minibatch_size", "ppo_epochs",
-                    "kl_horizon", "save_steps", "eval_n", "batch_size", "max_history_turns"):
+                    "save_steps", "eval_n", "batch_size", "max_history_turns"):
             _check(getattr(self, key) > 0, f"ppo.{key}", "must be > 0")
         _check(1 <= self.turns <= 4, "ppo.turns", "must be 1 (single reply) to 4")
         _check(self.rollout_batch_size * self.turns % self.minibatch_size == 0, "ppo.minibatch_size",
                "must divide rollout_batch_size * turns")
-        for key in ("lr", "max_grad_norm", "clip_range", "value_clip", "temperature", "kl_stop"):
+        for key in ("lr", "max_grad_norm", "clip_range", "value_clip", "temperature", "kl_horizon_fraction",
+                    "kl_stop"):
             _check(getattr(self, key) > 0, f"ppo.{key}", "must be > 0")
-        for key in ("gamma", "lam", "top_p"):
+        for key in ("gamma", "lam"):
             _check(0 < getattr(self, key) <= 1, f"ppo.{key}", "must be in (0, 1]")
         for key in ("vf_coef", "entropy_coef", "kl_coef", "kl_target", "kl_negative_tolerance"):
             _check(getattr(self, key) >= 0, f"ppo.{key}", "must be >= 0")
+        _check(self.kl_coef > 0 or self.kl_target == 0, "ppo.kl_coef",
+               "must be > 0 when ppo.kl_target > 0 (the adaptive controller scales it, so 0 would stay 0)")
+        _check(self.kl_horizon_fraction * self.max_steps > 0.2 or self.kl_target == 0, "ppo.kl_horizon_fraction",
+               "times ppo.max_steps must exceed 0.2: a step moves the coefficient by up to 0.2 / that product, "
+               "so a smaller one could drive it to 0 or below")
         _check(self.missing_eos_penalty <= 0, "ppo.missing_eos_penalty", "must be <= 0")
 
 
@@ -253,6 +271,7 @@ class EvaluateConfig:
     max_new_tokens: int = 32
     temperature: float = 0.7
     top_p: float = 0.9
+    top_k: int = 50
     batch_size: int = 8
     parrot_threshold: float = 0.6
     relevance_threshold: float = 0.5
@@ -270,6 +289,7 @@ class EvaluateConfig:
             _check(getattr(self, key) >= 2, f"evaluate.{key}", "must be >= 2")
         _check(self.temperature >= 0, "evaluate.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "evaluate.top_p", "must be in (0, 1]")
+        _check(self.top_k >= 0, "evaluate.top_k", "must be >= 0")
         for key in ("parrot_threshold", "relevance_threshold"):
             _check(0 < getattr(self, key) <= 1, f"evaluate.{key}", "must be in (0, 1]")
 
@@ -339,8 +359,10 @@ def from_dict(cls, raw, prefix: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names, key=str)
     if unknown:
-        raise ConfigError(f"unknown key {_join(prefix, unknown[0])!r}; allowed under "
-                          f"{prefix or 'the top level'}: {sorted(names)}")
+        key = _join(prefix, unknown[0])
+        if key in RETIRED_KEYS:
+            raise ConfigError(f"{key}: {RETIRED_KEYS[key]}")
+        raise ConfigError(f"unknown key {key!r}; allowed under {prefix or 'the top level'}: {sorted(names)}")
     values = {}
     for name, value in raw.items():
         key = _join(prefix, name)
@@ -352,6 +374,8 @@ def from_dict(cls, raw, prefix: str):
 def _coerce(hint, value, key: str):
     origin = typing.get_origin(hint)
     if origin is Literal:
+        if isinstance(value, str) and (key, value) in RETIRED_VALUES:
+            raise ConfigError(f"{key}: {RETIRED_VALUES[key, value]}")
         if value not in typing.get_args(hint):
             raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(hint))}")
         return value

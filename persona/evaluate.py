@@ -85,7 +85,8 @@ def nli_scores(nli, replies: list[str], facts: list[list[str]]) -> tuple[list[fl
 
 def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig, context: dict) -> tuple[dict, list]:
     """Every metric of one policy; returns (flat metrics, per-prompt records)."""
-    decoding = Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, context["seed"])
+    decoding = Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        top_k=cfg.top_k, batch_size=cfg.batch_size, seed=context["seed"])
     started = time.perf_counter()
     replies = generate_replies(model, tokenizer, [p.chat() for p in prompts], decoding)
     gen_seconds = time.perf_counter() - started
@@ -162,8 +163,8 @@ def multiturn(model, tokenizer, cfg: EvaluateConfig, context: dict) -> dict:
     partner_turns = [[t for t in d.turns if t[0] == 0] for d in dialogues]
     histories = [turns[:1] for turns in partner_turns]
     partner_turns = [turns[1:] for turns in partner_turns]
-    decoding = Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size,
-                        derive_seed(context["seed"], "multiturn"))
+    decoding = Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        top_k=cfg.top_k, batch_size=cfg.batch_size, seed=derive_seed(context["seed"], "multiturn"))
     out, replies_so_far = {}, [[] for _ in dialogues]
     contradictions = []
     for turn in range(cfg.multiturn_turns):

@@ -21,6 +21,8 @@ class Decoding:
     max_new_tokens: int = 32
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 0.9
+    # 0 = no truncation; passed on every call, or transformers fills in its own default (50)
+    top_k: int = 50
     batch_size: int = 8
     seed: int = 0
 
@@ -30,6 +32,8 @@ class Reply:
     text: str
     token_ids: list[int]  # generated tokens, end-of-turn included, padding excluded
     finished: bool  # ended with end-of-turn rather than at max_new_tokens
+    # the sampler's own log-prob of each token in token_ids (after temperature, top-k, top-p); None unless asked
+    logprobs: list[float] | None = None
 
 
 def generate_replies(model, tokenizer, chats: list[list[dict]], decoding: Decoding) -> list[str]:
@@ -51,8 +55,13 @@ def stream_reply(model, tokenizer, chat: list[dict], decoding: Decoding, on_text
 
 
 @torch.no_grad()
-def generate(model, tokenizer, chats: list[list[dict]], decoding: Decoding, streamer=None) -> list[Reply]:
-    """The next assistant reply for each chat, with its tokens and whether it ended on its own."""
+def generate(model, tokenizer, chats: list[list[dict]], decoding: Decoding, streamer=None,
+             with_logprobs: bool = False) -> list[Reply]:
+    """The next assistant reply for each chat, with its tokens and whether it ended on its own.
+
+    `with_logprobs`: also the log-prob the sampler drew each token with, from the processed scores generate
+    returns (one (batch, vocabulary) tensor per step: asked for only when needed).
+    """
     with eval_mode(model):
         device = next(model.parameters()).device
         texts = [render(tokenizer, chat, add_generation_prompt=True) for chat in chats]
@@ -68,14 +77,25 @@ def generate(model, tokenizer, chats: list[list[dict]], decoding: Decoding, stre
                 ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
                 attention[row, width - len(encoded[i]):] = 1
             torch.manual_seed(derive_seed(decoding.seed, "batch", min(chunk)))
-            sampling = {"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p} \
-                if decoding.temperature > 0 else {"do_sample": False}
+            sampling = {"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p,
+                        "top_k": decoding.top_k} if decoding.temperature > 0 else {"do_sample": False}
             output = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device),
                                     max_new_tokens=decoding.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                    pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=streamer, **sampling)
+                                    pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=streamer,
+                                    return_dict_in_generate=True, output_scores=with_logprobs, **sampling)
+            generated = output.sequences[:, width:]
+            logprobs = sampled_logprobs(output.scores, generated) if with_logprobs else None
             for row, i in enumerate(chunk):
-                tokens = output[row, width:].tolist()
+                tokens = generated[row].tolist()
                 finished = tokenizer.eos_token_id in tokens
                 tokens = tokens[:tokens.index(tokenizer.eos_token_id) + 1] if finished else tokens
-                replies[i] = Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, finished)
+                replies[i] = Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, finished,
+                                   logprobs[row, :len(tokens)].tolist() if with_logprobs else None)
     return replies
+
+
+def sampled_logprobs(scores: tuple[torch.Tensor, ...], generated: torch.Tensor) -> torch.Tensor:
+    """(batch, steps) log-prob of each generated token under the distribution it was drawn from: the log-softmax
+    of that step's processed scores (temperature, top-k and top-p applied), taken one step at a time."""
+    return torch.stack([torch.log_softmax(step.float(), -1).gather(-1, generated[:, k, None]).squeeze(-1)
+                        for k, step in enumerate(scores)], 1)

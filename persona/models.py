@@ -191,16 +191,23 @@ def eval_mode(model):
 
 @contextmanager
 def policy(model, name: str):
-    """Make `name` the active policy: base = adapters disabled, else that adapter."""
+    """Run `model` as policy `name` for the block: base = adapters disabled, else adapter `name`, switched in
+    frozen. The one adapter switch (evaluation, chat, web, PPO's reference): on exit the adapter active before
+    is back, and trainable if it was (peft's set_adapter freezes every adapter but the one it activates)."""
     if name == "base":
         if hasattr(model, "disable_adapter"):
             with model.disable_adapter():
                 yield model
         else:
             yield model
-    else:
-        model.set_adapter(name)
+        return
+    previous = model.active_adapter
+    trainable = any(p.requires_grad for key, p in model.named_parameters() if f".{previous}." in key)
+    model.set_adapter(name, inference_mode=True)
+    try:
         yield model
+    finally:
+        model.set_adapter(previous, inference_mode=not trainable)
 
 
 def load_policies(base_path: Path, adapters: dict[str, Path], param: str = "evaluate.policies"):

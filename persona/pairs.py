@@ -125,7 +125,8 @@ def build_pairs(dialogues: list[Dialogue], model, tokenizer, cfg: PairsConfig, n
         log.warning("pairs: %s split has only %d prompts, %d asked for", split, len(prompts), n)
     strategies = assign_strategies(prompts, asdict(cfg.shares), rng)
     pool = list({persona_key(p): p for d in dialogues for p in d.personas}.values())
-    decoding = Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, seed)
+    decoding = Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        top_k=cfg.top_k, batch_size=cfg.batch_size, seed=seed)
     timer = {"generation_s": 0.0, "generated_tokens": 0}
 
     def sample(chats: list[list[dict]], salt: int) -> list[Reply]:

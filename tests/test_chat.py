@@ -1,6 +1,7 @@
 """Terminal chat and export on the tiny model: persona parsing, sessions, commands, clear errors, merged export."""
 from __future__ import annotations
 
+import argparse
 import logging
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from persona.__main__ import add_decoding, decoding_from
 from persona.__main__ import main as cli
 from persona.chat import ChatSession, load_chat_models, parse_persona, run_terminal
 from persona.config import ConfigError
@@ -17,6 +19,14 @@ from persona.models import lora_config
 from tests.conftest import params_with
 
 GREEDY = Decoding(max_new_tokens=8, temperature=0, batch_size=1)
+
+
+def test_chat_and_web_sample_with_the_top_k_asked_for():
+    """--top-k reaches the sampler; 50 (what they always sampled with) unless told otherwise."""
+    parser = argparse.ArgumentParser()
+    add_decoding(parser)
+    assert decoding_from(parser.parse_args([])).top_k == 50
+    assert decoding_from(parser.parse_args(["--top-k", "0"])).top_k == 0
 
 
 def test_persona_from_pipes_or_a_file(tmp_path):

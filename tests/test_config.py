@@ -148,3 +148,27 @@ def test_lr_without_dot_is_a_float(tmp_path):
 
 def test_non_numeric_string_for_float(tmp_path):
     assert_rejected(write_params(tmp_path, **{"sft.lr": "fast"}), "sft.lr")
+
+
+def test_a_zero_kl_coefficient_cannot_adapt(tmp_path):
+    """The adaptive controller multiplies kl_coef: from 0 it would stay 0 whatever the KL. A fixed 0 is fine."""
+    assert_rejected(write_params(tmp_path, **{"ppo.kl_coef": 0.0, "ppo.kl_target": 2.0}), "ppo.kl_coef")
+    assert load_params(write_params(tmp_path, **{"ppo.kl_coef": 0.0, "ppo.kl_target": 0.0})).ppo.kl_coef == 0
+
+
+def test_an_adaptive_horizon_too_short_to_keep_the_coefficient_positive(tmp_path):
+    """Each step multiplies kl_coef by up to 1 -+ 0.2 / (kl_horizon_fraction x max_steps)."""
+    short = {"ppo.kl_horizon_fraction": 0.1, "ppo.max_steps": 2}
+    assert_rejected(write_params(tmp_path, **short), "ppo.kl_horizon_fraction")
+    assert load_params(write_params(tmp_path, **short, **{"ppo.kl_target": 0.0})).ppo.max_steps == 2
+
+
+@pytest.mark.parametrize("key, value, reason", [
+    ("ppo.top_p", 0.9, "full softmax"),
+    ("ppo.kl_horizon", 10000, "ppo.kl_horizon_fraction"),
+    ("ppo.kl_estimator", "k3", "biased"),
+])
+def test_a_retired_param_fails_with_its_reason(tmp_path, key, value, reason):
+    """An old params.yaml fails in one line that names the key and says why, not with a generic error."""
+    error = str(assert_rejected(write_params(tmp_path, **{key: value}), key))
+    assert reason in error and "\n" not in error, error

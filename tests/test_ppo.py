@@ -1,8 +1,10 @@
-"""PPO on the tiny random model: KL 0 at step 0, a frozen reference, a loop that really optimises, resume."""
+"""PPO on the tiny random model: KL 0 at step 0, a frozen reference, a sampler that draws what is scored, a loop
+that really optimises, resume."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,21 @@ from persona.data import read_dialogues
 from persona.generation import Decoding
 from persona.hardware import resolve_compute
 from persona.models import lora_config
+from persona.models import policy as switch_to
 from persona.paths import Paths
-from persona.ppo.rollout import episodes, pack, response_logits, rollout, token_logprobs
-from persona.ppo.trainer import PolicyWithValue, load_policy, ppo_step, reference
+from persona.ppo.experience import SAMPLER_GAP_BOUNDS, Setup, make_experience
+from persona.ppo.kl import FixedKL
+from persona.ppo.policy import PolicyWithValue, load_policy, reference_name
+from persona.ppo.rollout import (
+    episodes,
+    exact_decoding,
+    pack,
+    response_logits,
+    rollout,
+    sampler_logprobs,
+    token_logprobs,
+)
+from persona.ppo.trainer import ppo_step
 from persona.reward import REWARD_INFO
 from tests.conftest import params_with
 
@@ -68,9 +82,9 @@ def test_kl_to_the_reference_is_zero_at_step_zero(tiny_model_dir, sft_adapter, t
     packed = pack(tokenizer, samples_for(policy, tokenizer, batch))
     with torch.no_grad():
         own = token_logprobs(response_logits(policy, packed, 1.0)[0], packed)
-        with reference(policy, "sft") as ref:
+        with switch_to(policy, reference_name("sft")) as ref:
             anchored = token_logprobs(response_logits(ref, packed, 1.0)[0], packed)
-        with reference(policy, "base") as ref:
+        with switch_to(policy, reference_name("base")) as ref:
             base = token_logprobs(response_logits(ref, packed, 1.0)[0], packed)
     assert torch.allclose(own, anchored, atol=1e-6)
     assert (own - base).abs().max() > 1e-3  # the base model is a different anchor
@@ -92,6 +106,35 @@ def test_packed_logprobs_equal_unpadded_forward(tiny_model_dir, tokenizer, batch
             assert (batched[row, n:] == 0).all()
 
 
+def sampler_gap(samples, tokenizer, model, temperature: float) -> float:
+    """The largest |sampler - scorer| log-prob over the response tokens of `samples`."""
+    packed = pack(tokenizer, samples)
+    with torch.no_grad():
+        scored = token_logprobs(response_logits(model, packed, temperature)[0], packed)
+    return ((sampler_logprobs(samples, packed) - scored).abs() * packed.response_mask).max().item()
+
+
+def test_the_sampler_draws_exactly_what_the_scorer_scores(tiny_model_dir, tokenizer, batch):
+    """generate's own log-probs of the tokens it sampled are those rollout.py scores: PPO is on-policy."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    cfg = cfg_with(temperature=0.8, max_new_tokens=8)
+    samples = rollout(model, tokenizer, batch, 1, exact_decoding(cfg, seed=3), with_logprobs=True)
+    assert all(len(s.reply.logprobs) == len(s.reply.token_ids) > 0 for s in samples)
+    assert sampler_gap(samples, tokenizer, model, cfg.temperature) < 1e-4
+
+
+def test_a_generation_config_cannot_truncate_the_rollout_sampler(tiny_model_dir, tokenizer, batch):
+    """A model whose generation_config says top_k 5 and top_p 0.5 still samples PPO rollouts from the full softmax."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model.generation_config.top_k, model.generation_config.top_p = 5, 0.5
+    decoding = exact_decoding(cfg_with(temperature=0.8, max_new_tokens=8), seed=3)
+    samples = rollout(model, tokenizer, batch, 1, decoding, with_logprobs=True)
+    assert sampler_gap(samples, tokenizer, model, decoding.temperature) < 1e-4
+    # what rollouts drew before top_k was passed explicitly: transformers' default top-50 cut, far off-policy
+    cut = rollout(model, tokenizer, batch, 1, dataclasses.replace(decoding, top_k=50), with_logprobs=True)
+    assert sampler_gap(cut, tokenizer, model, decoding.temperature) > 1.0
+
+
 class TokenSetReward:
     """Programmatic reward: the share of reply tokens whose embedding points along a fixed direction."""
 
@@ -108,35 +151,37 @@ class TokenSetReward:
         return scores
 
 
-def setup_loop(tiny_model_dir, sft_adapter, cfg):
+def setup_loop(tiny_model_dir, sft_adapter, cfg, reward=TokenSetReward) -> tuple[Setup, torch.optim.Optimizer]:
+    """What train_ppo builds, on the tiny model; `reward(policy, tokenizer)` makes the reward model."""
     policy, tokenizer = load_policy(tiny_model_dir, sft_adapter, cfg, resolve_compute("none", "fp32", "ppo"))
     module = PolicyWithValue(policy, policy.config.hidden_size)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.lr)
     accelerator = Accelerator(cpu=True)
     module, optimizer = accelerator.prepare(module, optimizer)
-    return accelerator, module, optimizer, tokenizer
+    return Setup(accelerator, module, tokenizer, reward(policy, tokenizer), None, cfg), optimizer
 
 
 def test_the_loop_raises_a_programmatic_reward_and_never_moves_the_reference(tiny_model_dir, sft_adapter, prepared,
                                                                            batch):
-    from persona.ppo.kl import FixedKL
-    cfg = cfg_with(rollout_batch_size=8, minibatch_size=4, max_new_tokens=8, temperature=1.0, lr=3e-3,
+    """The tiny random model's logits are nearly flat (std ~0.16): sampled from the full softmax at temperature 1,
+    a reply is 8 of 49k tokens drawn almost uniformly, and no 30-step run moves their share. At 0.05 the policy
+    is about as peaked as a trained model's. (Before rollouts sampled what PPO scores, transformers' hidden
+    top-50 cut did that sharpening at temperature 1, off-policy.)"""
+    cfg = cfg_with(rollout_batch_size=8, minibatch_size=4, max_new_tokens=8, temperature=0.05, lr=3e-3,
                    kl_coef=0.01, normalize_reward=False, missing_eos_penalty=0.0)
-    accelerator, module, optimizer, tokenizer = setup_loop(tiny_model_dir, sft_adapter, cfg)
-    reward = TokenSetReward(module.policy, tokenizer)
+    setup, optimizer = setup_loop(tiny_model_dir, sft_adapter, cfg)
     train = episodes(read_dialogues(prepared / "train.jsonl"), 1, 2)
-    policy = module.policy
+    policy, tokenizer = setup.unwrapped.policy, setup.tokenizer
     probe = pack(tokenizer, samples_for(policy, tokenizer, batch))
-    with torch.no_grad(), reference(policy, "sft") as ref:
+    with torch.no_grad(), switch_to(policy, reference_name("sft")) as ref:
         reference_before = response_logits(ref, probe, 1.0)[0]
     controller, rewards = FixedKL(cfg.kl_coef), []
     for step in range(30):
         torch.manual_seed(step)
-        stats = ppo_step(accelerator, module, optimizer, tokenizer, reward, train[step * 8 % 64:][:8], cfg,
-                         controller, None, step)
+        stats = ppo_step(setup, optimizer, train[step * 8 % 64:][:8], controller, step)
         rewards.append(stats["reward"])
     with torch.no_grad():
-        with reference(policy, "sft") as ref:
+        with switch_to(policy, reference_name("sft")) as ref:
             reference_after = response_logits(ref, probe, 1.0)[0]
         policy_after = response_logits(policy, probe, 1.0)[0]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
@@ -146,19 +191,51 @@ def test_the_loop_raises_a_programmatic_reward_and_never_moves_the_reference(tin
     assert stats["kl"] > 0 and 0 <= stats["clip_fraction"] <= 1 and stats["entropy"] > 0
 
 
+class NanReward:
+    def __init__(self, policy, tokenizer):
+        pass
+
+    def score_chats(self, chats):
+        return [float("nan")] * len(chats)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2"])
+def test_k1_penalises_in_the_reward_and_k2_in_the_loss(tiny_model_dir, sft_adapter, batch, estimator):
+    """Against the base model the SFT policy has a KL to penalise: k1 puts it on every token's reward, k2 leaves
+    the rewards to the score and adds its own loss term to the update."""
+    cfg = cfg_with(kl_estimator=estimator, reference="base", normalize_reward=False, missing_eos_penalty=0.0)
+    setup, optimizer = setup_loop(tiny_model_dir, sft_adapter, cfg)
+    experience, stats = make_experience(setup, batch, kl_coef=0.5, seed=0)
+    mask = experience.mask
+    last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & mask.bool()
+    penalty = experience.rewards - last * experience.scores[:, None]
+    k1 = (experience.old_logprobs - experience.ref_logprobs) * mask
+    assert k1.abs().max() > 1e-3
+    expected = -0.5 * k1 if estimator == "k1" else torch.zeros_like(k1)
+    assert torch.allclose(penalty, expected, atol=1e-6)
+    assert ("kl_loss" in ppo_step(setup, optimizer, batch, FixedKL(0.5), 0)) == (estimator == "k2")
+
+
+def test_a_run_stops_when_its_sampler_is_not_its_scorer(tiny_model_dir, sft_adapter, reward_adapter, prepared,
+                                                        tmp_path):
+    """A min_p cut in the base model's generation_config (a logits processor that Decoding does not set, so
+    transformers applies the model's value) reshapes what rollouts sample: the first rollout's check stops the
+    run instead of training off-policy."""
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    config = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**config, "min_p": 0.5}))
+    params = params_with(ppo=TINY_PPO, model={"max_length": 256})
+    with pytest.raises(RuntimeError, match="sampler and scorer disagree"):
+        run(params, prepared, base, sft_adapter, reward_adapter, tmp_path / "run")
+
+
 def test_non_finite_losses_skip_the_update(tiny_model_dir, sft_adapter, prepared, batch):
-    from persona.ppo.kl import FixedKL
-
-    class NanReward:
-        def score_chats(self, chats):
-            return [float("nan")] * len(chats)
-
     cfg = cfg_with(normalize_reward=False)
-    accelerator, module, optimizer, tokenizer = setup_loop(tiny_model_dir, sft_adapter, cfg)
-    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    stats = ppo_step(accelerator, module, optimizer, tokenizer, NanReward(), batch, cfg, FixedKL(0.05), None, 0)
+    setup, optimizer = setup_loop(tiny_model_dir, sft_adapter, cfg, reward=NanReward)
+    before = {n: p.detach().clone() for n, p in setup.module.named_parameters() if p.requires_grad}
+    stats = ppo_step(setup, optimizer, batch, FixedKL(0.05), 0)
     assert stats["skipped"] == cfg.ppo_epochs * len(batch) // cfg.minibatch_size
-    assert all(torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
+    assert all(torch.equal(before[n], p) for n, p in setup.module.named_parameters() if p.requires_grad)
 
 
 def test_multi_turn_rollout_feeds_replies_back(tiny_model_dir, tokenizer, prepared):
@@ -184,8 +261,10 @@ def test_stage_metrics_and_resume_after_interruption(tiny_model_dir, sft_adapter
     params = params_with(ppo=TINY_PPO, model={"max_length": 256})
     straight = run(params, prepared, tiny_model_dir, sft_adapter, reward_adapter, tmp_path / "a")
     assert straight["steps"] == 4 and straight["processes"] == 1 and straight["eval_prompts"] == 4
-    for key in ("sft_reward", "ppo_reward", "held_out_kl", "rollout_tokens_per_s", "peak_memory_mb"):
+    for key in ("sft_reward", "ppo_reward", "held_out_kl_k1", "held_out_kl_k3", "final_kl_coef",
+                "rollout_tokens_per_s", "peak_memory_mb"):
         assert straight[key] is not None
+    assert straight["kl_estimator"] == "k1" and straight["sampler_logprob_gap_max"] < SAMPLER_GAP_BOUNDS["fp32"]
     assert (tmp_path / "a" / "ppo" / "adapter_config.json").exists()
     assert list((tmp_path / "a" / "live" / "align" / "plots" / "metrics").rglob("kl_coef.tsv"))
 
@@ -200,12 +279,10 @@ def test_stage_metrics_and_resume_after_interruption(tiny_model_dir, sft_adapter
 
 
 def test_a_multi_turn_step_trains_on_every_policy_turn(tiny_model_dir, sft_adapter, prepared):
-    from persona.ppo.kl import FixedKL
     cfg = cfg_with(turns=2, rollout_batch_size=2, minibatch_size=2, normalize_reward=False)
-    accelerator, module, optimizer, tokenizer = setup_loop(tiny_model_dir, sft_adapter, cfg)
+    setup, optimizer = setup_loop(tiny_model_dir, sft_adapter, cfg)
     multi = episodes(read_dialogues(prepared / "train.jsonl"), 2, 2)[:2]
-    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    stats = ppo_step(accelerator, module, optimizer, tokenizer, TokenSetReward(module.policy, tokenizer), multi, cfg,
-                     FixedKL(0.05), None, 0)
+    before = {n: p.detach().clone() for n, p in setup.module.named_parameters() if p.requires_grad}
+    stats = ppo_step(setup, optimizer, multi, FixedKL(0.05), 0)
     assert stats["skipped"] == 0 and all(torch.isfinite(torch.tensor(stats[k])) for k in ("policy_loss", "value_loss"))
-    assert any(not torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
+    assert any(not torch.equal(before[n], p) for n, p in setup.module.named_parameters() if p.requires_grad)

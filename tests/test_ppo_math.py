@@ -1,11 +1,14 @@
-"""PPO building blocks on hand-computed tensors: KL estimators and controllers, GAE, whitening, losses."""
+"""PPO building blocks on hand-computed tensors: KL estimators, penalties and controllers, GAE, whitening, losses."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 
 import pytest
 import torch
 
+from persona.config import PPOConfig
 from persona.ppo.advantages import gae, masked_mean, token_rewards, whiten
 from persona.ppo.kl import AdaptiveKL, FixedKL, kl_controller, kl_per_token
 from persona.ppo.losses import entropy, policy_loss, value_loss
@@ -20,10 +23,54 @@ def test_kl_estimators():
     assert kl_per_token(logp, ref, "k1").tolist() == [pytest.approx([math.log(2), 0.0])]
     # k3 = (ref/p - 1) - log(ref/p): 0.5 - 1 + log 2
     assert kl_per_token(logp, ref, "k3").tolist() == [pytest.approx([0.5 - 1 + math.log(2), 0.0], abs=1e-6)]
-    # k1 goes negative when the policy under-weights a sampled token; k3 never does
+    assert kl_per_token(logp, ref, "k2").tolist() == [pytest.approx([0.5 * math.log(2) ** 2, 0.0])]
+    # k1 goes negative when the policy under-weights a sampled token; k2 and k3 never do
     assert kl_per_token(ref, logp, "k1")[0, 0] < 0 < kl_per_token(ref, logp, "k3")[0, 0]
+    assert kl_per_token(ref, logp, "k2")[0, 0] > 0
     with pytest.raises(ValueError):
-        kl_per_token(logp, ref, "k2")
+        kl_per_token(logp, ref, "k4")
+
+
+KL_ESTIMATORS = typing.get_args(typing.get_type_hints(PPOConfig)["kl_estimator"])
+
+
+def penalty_gradient(estimator: str, logits: torch.Tensor, ref_logp: torch.Tensor, tokens: torch.Tensor):
+    """The gradient, with respect to the policy's logits, of PPO's loss from the KL penalty alone (task score 0)
+    on one-token episodes `tokens` sampled from the policy, through the functions the trainer uses."""
+    logp = torch.log_softmax(logits, -1)[tokens][:, None]
+    ref = ref_logp[tokens][:, None]
+    mask = torch.ones_like(logp)
+    if estimator == "k2":  # a loss term, differentiated directly
+        from persona.ppo.losses import kl_loss
+        loss = kl_loss(logp, ref, mask)
+    else:  # in the per-token reward, through the policy gradient (ratio 1: old log-probs = current)
+        rewards = token_rewards(torch.zeros(len(tokens)), kl_per_token(logp.detach(), ref, estimator), mask, 1.0)
+        advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
+        loss, _ = policy_loss(logp, logp.detach(), advantages, mask, clip=0.2)
+    (gradient,) = torch.autograd.grad(loss, logits)
+    return gradient
+
+
+def kl_alignment(estimator: str) -> float:
+    """Cosine between the penalty's update direction (averaged over 20,000 samples) and -grad KL(pi || ref)
+    for a 6-token policy some way from its (uniform) reference."""
+    logits = torch.tensor([1.5, 0.5, 0.0, 0.0, -0.5, -1.0], dtype=torch.float64, requires_grad=True)
+    ref_logp = torch.log_softmax(torch.zeros(6, dtype=torch.float64), -1)
+    logp = torch.log_softmax(logits, -1)
+    (kl_gradient,) = torch.autograd.grad((logp.exp() * (logp - ref_logp)).sum(), logits)
+    tokens = torch.multinomial(logp.exp().detach(), 20_000, replacement=True,
+                               generator=torch.Generator().manual_seed(0))
+    return torch.cosine_similarity(-penalty_gradient(estimator, logits, ref_logp, tokens), -kl_gradient, 0).item()
+
+
+@pytest.mark.parametrize("estimator", KL_ESTIMATORS)
+def test_every_allowed_kl_penalty_pushes_down_the_kl(estimator):
+    assert kl_alignment(estimator) > 0.99
+
+
+def test_k3_in_the_reward_would_push_elsewhere():
+    """Why k3 is no longer allowed: its reward's gradient is grad KL(pi||ref) - grad KL(ref||pi)."""
+    assert kl_alignment("k3") < 0.6
 
 
 def test_adaptive_controller_follows_ziegler():
@@ -32,10 +79,22 @@ def test_adaptive_controller_follows_ziegler():
     assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
     controller.update(5.4, n_samples=10)  # error -0.1
     assert controller.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 10 / 100))
-    fixed = kl_controller(0.3, 0.0, 100)
+    fixed = kl_controller(dataclasses.replace(PPOConfig(), kl_coef=0.3, kl_target=0.0), processes=1)
     fixed.update(100.0, 10)
     assert isinstance(fixed, FixedKL) and fixed.value == 0.3
-    assert isinstance(kl_controller(0.3, 6.0, 100), AdaptiveKL)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_adaptive_controller_moves_the_coefficient_within_a_short_run(processes):
+    """12 steps of 8 episodes (per process), the KL twice the target at every step: the coefficient rises by more
+    than half; at half the target it falls by more than a third. The default params, whatever the process count."""
+    cfg = dataclasses.replace(PPOConfig(), max_steps=12, rollout_batch_size=8, turns=1)
+    above, below = kl_controller(cfg, processes), kl_controller(cfg, processes)
+    for _ in range(cfg.max_steps):
+        above.update(2 * cfg.kl_target, cfg.rollout_batch_size * processes)
+        below.update(0.5 * cfg.kl_target, cfg.rollout_batch_size * processes)
+    assert above.value > 1.5 * cfg.kl_coef
+    assert below.value < cfg.kl_coef / 1.5
 
 
 def test_token_rewards_put_the_score_on_the_last_real_token():

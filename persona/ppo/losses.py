@@ -1,9 +1,10 @@
-"""The clipped PPO objectives and the diagnostics logged with them."""
+"""The clipped PPO objectives, the k2 KL penalty, and the diagnostics logged with them."""
 from __future__ import annotations
 
 import torch
 
 from persona.ppo.advantages import masked_mean
+from persona.ppo.kl import kl_per_token
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -30,6 +31,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         stats = {"value_clip_fraction": masked_mean(((values - returns) ** 2 < (clipped_values - returns) ** 2)
                                                     .float(), mask).item()}
     return loss, stats
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean k2 = (log pi - log ref)^2 / 2 over response tokens sampled from pi, differentiated through
+    `logprobs`: its gradient is an unbiased estimate of grad KL(pi || ref) (see persona/ppo/kl.py)."""
+    return masked_mean(kl_per_token(logprobs, ref_logprobs, "k2"), mask)
 
 
 def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Experience making: sample replies (single- or multi-turn), pack them, score them.
+"""Rollouts: pick episodes, sample replies (single- or multi-turn), pack them, take their log-probs.
 
 A batch is packed as [left-padded prompt | right-padded response], so every response starts at
 the same column and per-token tensors are (batch, response_tokens). Position ids follow the
@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from persona.chat_format import Prompt, render
+from persona.config import PPOConfig
 from persona.data import Dialogue
 from persona.generation import Decoding, Reply, generate
 from persona.seeds import derive_seed
@@ -45,19 +46,34 @@ def sample_order(n: int, step: int, seed: int) -> list[int]:
     return order
 
 
+def episode_indices(n: int, step: int, per_process: int, process: int, processes: int, seed: int) -> list[int]:
+    """The episodes a process rolls out at `step`: consecutive slices of a fresh permutation per pass."""
+    first = (step * processes + process) * per_process
+    return [sample_order(n, (first + k) // n, seed)[(first + k) % n] for k in range(per_process)]
+
+
+def exact_decoding(cfg: PPOConfig, seed: int) -> Decoding:
+    """The rollout sampler: the full softmax at `cfg.temperature`, no top-k or nucleus cut, i.e. exactly the
+    distribution `token_logprobs` scores, so importance ratios and KL estimates are on-policy."""
+    return Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, top_k=0,
+                    batch_size=cfg.batch_size, seed=seed)
+
+
 @dataclass
 class Sample:
     chat: list[dict]  # the context the reply was generated for
     reply: Reply
 
 
-def rollout(model, tokenizer, batch: list[Episode], turns: int, decoding: Decoding) -> list[Sample]:
-    """Policy replies for each episode; with turns > 1 each reply joins the context of the next turn."""
+def rollout(model, tokenizer, batch: list[Episode], turns: int, decoding: Decoding, with_logprobs: bool = False
+            ) -> list[Sample]:
+    """Policy replies for each episode; with turns > 1 each reply joins the context of the next turn.
+    `with_logprobs`: each reply also carries the sampler's log-prob of its tokens."""
     chats = [e.prompt.chat() for e in batch]
     samples = []
     for k in range(turns):
         step_decoding = replace(decoding, seed=derive_seed(decoding.seed, "turn", k))
-        replies = generate(model, tokenizer, chats, step_decoding)
+        replies = generate(model, tokenizer, chats, step_decoding, with_logprobs=with_logprobs)
         samples += [Sample(chat, reply) for chat, reply in zip(chats, replies)]
         if k + 1 < turns:
             chats = [chat + [{"role": "assistant", "content": r.text}, {"role": "user", "content": e.partner_turns[k]}]
@@ -98,6 +114,14 @@ def pack(tokenizer, samples: list[Sample]) -> Packed:
         attention[row, width - len(prompt):width + len(response)] = 1
         response_mask[row, :len(response)] = 1
     return Packed(ids, attention, response_mask, width)
+
+
+def sampler_logprobs(samples: list[Sample], packed: Packed) -> torch.Tensor:
+    """(B, R): the sampler's log-prob of each response token, laid out as `pack` lays out the tokens."""
+    out = torch.zeros(packed.response_mask.shape, dtype=torch.float32)
+    for row, sample in enumerate(samples):
+        out[row, :len(sample.reply.logprobs)] = torch.tensor(sample.reply.logprobs)
+    return out.to(packed.response_mask.device)
 
 
 def response_logits(model, packed: Packed, temperature: float, with_hidden: bool = False):
