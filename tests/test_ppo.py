@@ -21,18 +21,11 @@ from persona.hardware import resolve_compute
 from persona.models import lora_config
 from persona.models import policy as switch_to
 from persona.paths import Paths
+from persona.ppo import rollout as ppo_rollout
 from persona.ppo.experience import SAMPLER_GAP_BOUNDS, Setup, make_experience
 from persona.ppo.kl import FixedKL
 from persona.ppo.policy import PolicyWithValue, load_policy, reference_name
-from persona.ppo.rollout import (
-    episodes,
-    exact_decoding,
-    pack,
-    response_logits,
-    rollout,
-    sampler_logprobs,
-    token_logprobs,
-)
+from persona.ppo.rollout import episodes, exact_decoding, pack, response_logits, rollout, token_logprobs
 from persona.ppo.trainer import ppo_step
 from persona.reward import REWARD_INFO
 from tests.conftest import params_with
@@ -111,7 +104,7 @@ def sampler_gap(samples, tokenizer, model, temperature: float) -> float:
     packed = pack(tokenizer, samples)
     with torch.no_grad():
         scored = token_logprobs(response_logits(model, packed, temperature)[0], packed)
-    return ((sampler_logprobs(samples, packed) - scored).abs() * packed.response_mask).max().item()
+    return ((ppo_rollout.sampler_logprobs(samples, packed) - scored).abs() * packed.response_mask).max().item()
 
 
 def test_the_sampler_draws_exactly_what_the_scorer_scores(tiny_model_dir, tokenizer, batch):
