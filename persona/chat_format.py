@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from persona.config import ConfigError
 from persona.data import Dialogue
 
 PERSONA_HEADER = "You are chatting with a new friend. Stay true to your persona:"
@@ -121,8 +122,8 @@ def _encode(tokenizer, messages: list[dict], train_on: str) -> Encoded:
         prompt = render(tokenizer, messages[:index], add_generation_prompt=True)
         full = render(tokenizer, messages[: index + 1]).rstrip()
         if not (text.startswith(full) and full.startswith(prompt)):
-            raise ValueError("the chat template does not render message prefixes as text prefixes, so loss masks "
-                             "cannot be located; use a model whose template does, or one without a template")
+            raise ConfigError("model.name: its chat template does not render message prefixes as text prefixes, "
+                              "so loss masks cannot be located; use a model whose template does, or one without one")
         spans.append((len(prompt), len(full)))
     tokens = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     # Overlap, not start: a byte-level BPE token may carry the space before a reply's first word.

@@ -322,6 +322,8 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def validate(self, base_dir: Path) -> None:
+        # numpy's legacy seeding (transformers' set_seed) takes 0 <= seed < 2**32; checked here, before any work
+        _check(0 <= self.seed < 2**32, "seed", f"{self.seed} is outside 0 .. 2**32-1")
         self.data.validate(base_dir)
         self.model.validate(base_dir)
         self.lora.validate()

@@ -17,6 +17,7 @@ import torch
 
 from persona.chat_format import ensure_chat_template
 from persona.config import BUNDLED_MODELS, ConfigError, Params, resolve_path
+from persona.files import replace_folder
 from persona.hardware import Compute
 from persona.paths import DEFAULT, Paths
 
@@ -87,35 +88,38 @@ def materialize_base(name: str, out_dir: Path, base_dir: Path = Path("."), trust
         raise RuntimeError(f"rebuilding {description}: missing {missing}, unexpected {unexpected}")
     plain.tie_weights()
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_model(plain, tokenizer, out_dir)
     info = {"name": name, "source": description, "architecture": config.model_type,
             "parameters": sum(p.numel() for p in plain.parameters()),
             "project_chat_template": added_template}
-    (out_dir / BASE_INFO).write_text(json.dumps(info, indent=2))
+    save_model(plain, tokenizer, out_dir, {BASE_INFO: json.dumps(info, indent=2)})
     log.info("saved %s to %s (%s parameters)", description, out_dir, f"{info['parameters']:,}")
     return info
 
 
-def save_model(model, tokenizer, out_dir: Path, **save_kwargs) -> None:
+def save_model(model, tokenizer, out_dir: Path, extra_files: dict[str, str | bytes] | None = None,
+               **save_kwargs) -> None:
     """`save_pretrained` of a model or adapter and its tokenizer, in bytes that depend on the weights alone.
 
     transformers and peft stamp their versions into the configs they save, and peft writes set-valued
     fields (`target_modules`) in the process's string-hash order: the same weights would hash differently
     on another install or run, and DVC would rerun every later stage for nothing. peft's generated model
-    card is a placeholder with the same version stamp, so it is not kept.
+    card is a placeholder with the same version stamp, so it is not kept. `extra_files` (name -> content)
+    go in too; the folder appears whole or not at all (`files.replace_folder`).
     """
-    model.save_pretrained(out_dir, **save_kwargs)
-    tokenizer.save_pretrained(out_dir)
-    for path in out_dir.glob("*config.json"):
-        config = json.loads(path.read_text())
-        for stamp in VERSION_STAMPS:
-            config.pop(stamp, None)
-        for key in SET_VALUED:
-            if isinstance(config.get(key), list):
-                config[key] = sorted(config[key])
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (out_dir / "README.md").unlink(missing_ok=True)
+    with replace_folder(out_dir) as folder:
+        model.save_pretrained(folder, **save_kwargs)
+        tokenizer.save_pretrained(folder)
+        for path in folder.glob("*config.json"):
+            config = json.loads(path.read_text())
+            for stamp in VERSION_STAMPS:
+                config.pop(stamp, None)
+            for key in SET_VALUED:
+                if isinstance(config.get(key), list):
+                    config[key] = sorted(config[key])
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (folder / "README.md").unlink(missing_ok=True)
+        for name, content in (extra_files or {}).items():
+            (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
 
 
 def load_for_training(base_path: Path, compute: Compute, gradient_checkpointing: bool = False,

@@ -28,6 +28,7 @@ from pathlib import Path
 from persona.chat_format import Prompt, select_prompts
 from persona.config import ConfigError, PairsConfig, Params
 from persona.data import Dialogue, MalformedRowError, persona_key, read_dialogues
+from persona.files import write_text_atomic
 from persona.generation import Decoding, Reply, generate
 from persona.models import load_policies
 from persona.paths import DEFAULT, Paths
@@ -217,9 +218,7 @@ def make_pairs(prepared: Path, model, tokenizer, cfg: PairsConfig, seed: int, ou
 
 
 def write_pairs(pairs: list[dict], path: Path) -> None:
-    with path.open("w") as handle:
-        for pair in pairs:
-            handle.write(json.dumps(pair) + "\n")
+    write_text_atomic(path, "".join(json.dumps(pair) + "\n" for pair in pairs))
 
 
 def read_pairs(path: Path) -> list[dict]:

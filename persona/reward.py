@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from persona import training
 from persona.chat_format import encode_messages, messages_for
 from persona.config import ConfigError, Params
 from persona.distributed import watch_ranks
@@ -29,7 +29,6 @@ from persona.likelihood import collate
 from persona.models import eval_mode, load_for_training, lora_config, save_model, trainable_parameters
 from persona.pairs import STRATEGIES, read_pairs, words
 from persona.paths import DEFAULT, Paths
-from persona.training import LiveCurves, drop_finished_checkpoints, fingerprint, start_run, trl_config
 
 log = logging.getLogger(__name__)
 REWARD_INFO = "reward_info.json"  # held-out score mean/std, for PPO's reward normalisation
@@ -44,19 +43,25 @@ def encode_chat(tokenizer, chat: list[dict], max_length: int) -> list[int]:
     """Token ids of a chat ending with the reply; the oldest history goes first when too long."""
     encoded = encode_messages(tokenizer, chat, "last", max_length)
     if encoded is None:
-        raise ValueError(f"a reply alone exceeds model.max_length={max_length} tokens")
+        raise ConfigError(f"model.max_length: {max_length} tokens cannot hold the persona and one reply; raise it")
     return encoded.input_ids
 
 
-def pair_rows(pairs: list[dict], tokenizer, max_length: int):
-    """Pre-tokenised {chosen_ids, rejected_ids} rows, the format RewardTrainer takes as is."""
+def pair_rows(pairs: list[dict], tokenizer, max_length: int, source: Path):
+    """Pre-tokenised {chosen_ids, rejected_ids} rows, the format RewardTrainer takes as is.
+
+    `source`: the pairs file, whose line i+1 holds `pairs[i]` (named when a pair cannot be encoded).
+    """
     from datasets import Dataset
     rows = {"chosen_ids": [], "rejected_ids": []}
-    for pair in pairs:
+    for line, pair in enumerate(pairs, 1):
         for side in ("chosen", "rejected"):
             facts = pair.get("rejected_facts", pair["facts"]) if side == "rejected" else pair["facts"]
             chat = reward_chat(facts, pair["history"], pair["speaker"], pair[side])
-            rows[f"{side}_ids"].append(encode_chat(tokenizer, chat, max_length))
+            try:
+                rows[f"{side}_ids"].append(encode_chat(tokenizer, chat, max_length))
+            except ConfigError as error:
+                raise ConfigError(f"{source}:{line} ({side} reply): {error}") from None
     return Dataset.from_dict(rows)
 
 
@@ -123,10 +128,12 @@ def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int) -> list
     return scores
 
 
-def held_out_metrics(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int) -> dict:
-    """Pairwise accuracy (overall, per strategy, length-matched), margin, persona-only accuracy."""
+def held_out_metrics(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int, source: Path) -> dict:
+    """Pairwise accuracy (overall, per strategy, length-matched), margin, persona-only accuracy.
+
+    `source`: the pairs file (see `pair_rows`)."""
     with eval_mode(model):
-        rows = pair_rows(pairs, tokenizer, max_length)
+        rows = pair_rows(pairs, tokenizer, max_length, source)
         chosen = np.array(score_ids(model, rows["chosen_ids"], tokenizer.pad_token_id, batch_size))
         rejected = np.array(score_ids(model, rows["rejected_ids"], tokenizer.pad_token_id, batch_size))
         correct = (chosen > rejected).astype(float)
@@ -165,10 +172,10 @@ def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
     pairs_dir, base_path, out_dir = paths.pairs, paths.base, paths.reward
     checkpoint_dir = paths.checkpoint_dir("reward")
     compute = resolve_compute(cfg.quant, cfg.precision, "reward", cfg.optimizer)
-    expected = fingerprint(cfg, [pairs_dir / "train.jsonl"], base_path, lora=asdict(params.lora),
-                           max_length=params.model.max_length, seed=params.seed)
-    state, resume, live = start_run(compute, params.launch.processes, checkpoint_dir, expected,
-                                    paths.curves_dir("reward"))
+    expected = training.fingerprint(cfg, [pairs_dir / "train.jsonl"], base_path, lora=asdict(params.lora),
+                                    max_length=params.model.max_length, seed=params.seed)
+    state, resume, live = training.start_run(compute, params.launch.processes, checkpoint_dir, expected,
+                                             paths.curves_dir("reward"))
     started = time.perf_counter()
     train_pairs, valid_pairs = read_pairs(pairs_dir / "train.jsonl"), read_pairs(pairs_dir / "valid.jsonl")
     set_seed(params.seed)  # the score head is initialised randomly
@@ -179,23 +186,25 @@ def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
     top = list(range(layers - cfg.lora_top_layers, layers)) if cfg.lora_top_layers else None
     model = get_peft_model(model, lora_config(params.lora, "SEQ_CLS", top))
     trainable, total = trainable_parameters(model)
-    train_set = pair_rows(train_pairs, tokenizer, params.model.max_length)
+    train_set = pair_rows(train_pairs, tokenizer, params.model.max_length, pairs_dir / "train.jsonl")
     eval_pairs = valid_pairs[: cfg.max_eval_sequences] if cfg.max_eval_sequences else valid_pairs
-    eval_set = pair_rows(eval_pairs, tokenizer, params.model.max_length)
-    before = held_out_metrics(model, tokenizer, valid_pairs, params.model.max_length, cfg.score_batch_size)
+    eval_set = pair_rows(eval_pairs, tokenizer, params.model.max_length, pairs_dir / "valid.jsonl")
+    before = held_out_metrics(model, tokenizer, valid_pairs, params.model.max_length, cfg.score_batch_size,
+                              pairs_dir / "valid.jsonl")
 
-    args = trl_config(RewardConfig, cfg, compute, checkpoint_dir, params.seed, max_length=params.model.max_length,
-                      center_rewards_coefficient=cfg.center_rewards or None, disable_dropout=True)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                            processing_class=tokenizer, callbacks=[LiveCurves(live), *callbacks])
+    args = training.trl_config(RewardConfig, cfg, compute, checkpoint_dir, params.seed,
+                               max_length=params.model.max_length,
+                               center_rewards_coefficient=cfg.center_rewards or None, disable_dropout=True)
+    trainer = training.build_trainer(RewardTrainer, model, args, compute, live, callbacks, train_dataset=train_set,
+                                     eval_dataset=eval_set, processing_class=tokenizer)
     ranks = watch_ranks(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
-    after = held_out_metrics(model, tokenizer, valid_pairs, params.model.max_length, cfg.score_batch_size)
+    after = held_out_metrics(model, tokenizer, valid_pairs, params.model.max_length, cfg.score_batch_size,
+                             pairs_dir / "valid.jsonl")
     if state.is_main_process:
-        drop_finished_checkpoints(checkpoint_dir)
-        save_model(model, tokenizer, out_dir)
-        (out_dir / REWARD_INFO).write_text(json.dumps({"score_mean": after["score_mean"],
-                                                       "score_std": after["score_std"]}, indent=2))
+        training.drop_finished_checkpoints(checkpoint_dir)
+        save_model(model, tokenizer, out_dir, {REWARD_INFO: json.dumps(
+            {"score_mean": after["score_mean"], "score_std": after["score_std"]}, indent=2)})
     runtime = result.metrics["train_runtime"]
     tokens = sum(len(r) for column in ("chosen_ids", "rejected_ids") for r in train_set[column])
     epochs_run = trainer.state.global_step * cfg.batch_size * cfg.grad_accum / max(len(train_set), 1)
@@ -203,8 +212,10 @@ def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
         **after, "untrained_accuracy": before["accuracy"],
         "untrained_accuracy_swap": before["accuracy_swap"],
         **run_metrics(compute), **ranks.metrics(state.num_processes),
+        "trainable_dtype": str(trainer.trainable_dtype),
         "train_pairs": len(train_set), "steps": trainer.state.global_step,
-        "train_loss": round(result.metrics["train_loss"], 4) if math.isfinite(result.metrics["train_loss"]) else None,
+        "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
+        "train_loss": training.logged_train_loss(trainer),
         "lora_top_layers": cfg.lora_top_layers, "trainable_params": trainable,
         "trainable_pct": round(100 * trainable / total, 3),
         "tokens_per_s": round(tokens * epochs_run / runtime, 1),

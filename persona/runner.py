@@ -14,6 +14,7 @@ from pathlib import Path
 
 from persona.config import ConfigError, Params, load_params
 from persona.data import MalformedRowError
+from persona.files import write_text_atomic
 from persona.paths import DEFAULT
 
 USER_ERRORS = (ConfigError, MalformedRowError, FileNotFoundError)
@@ -40,11 +41,11 @@ def start_logging() -> None:
 
 
 def write_metrics(path: Path, metrics: dict) -> Path:
-    """Sorted JSON, so `dvc metrics diff` lines up across commits (rank 0 only)."""
+    """Sorted JSON, so `dvc metrics diff` lines up across commits (rank 0 only), written atomically: a kill
+    leaves the previous file, never half of one."""
     if not is_main_process():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     logging.getLogger("persona").info("wrote %s", path)
     return path
 

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import asdict
 
+from persona import training
 from persona.chat_format import build_dataset
 from persona.config import Params
 from persona.data import read_dialogues
@@ -19,7 +20,6 @@ from persona.hardware import resolve_compute, run_metrics
 from persona.likelihood import completion_nll
 from persona.models import load_for_training, lora_config, save_model, trainable_parameters
 from persona.paths import DEFAULT, Paths
-from persona.training import LiveCurves, drop_finished_checkpoints, fingerprint, start_run, trl_config
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,10 @@ def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
     cfg = params.sft
     prepared, base_path, out_dir, checkpoint_dir = paths.prepared, paths.base, paths.sft, paths.checkpoint_dir("sft")
     compute = resolve_compute(cfg.quant, cfg.precision, "sft", cfg.optimizer)
-    expected = fingerprint(cfg, [prepared / "train.jsonl"], base_path, lora=asdict(params.lora),
-                           max_length=params.model.max_length, seed=params.seed)
-    state, resume, live = start_run(compute, params.launch.processes, checkpoint_dir, expected,
-                                    paths.curves_dir("sft"))
+    expected = training.fingerprint(cfg, [prepared / "train.jsonl"], base_path, lora=asdict(params.lora),
+                                    max_length=params.model.max_length, seed=params.seed)
+    state, resume, live = training.start_run(compute, params.launch.processes, checkpoint_dir, expected,
+                                             paths.curves_dir("sft"))
     set_seed(params.seed)
     started = time.perf_counter()
     model, tokenizer = load_for_training(base_path, compute, cfg.gradient_checkpointing)
@@ -53,17 +53,18 @@ def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
 
     # LoRA's B matrix starts at zero, so before training this *is* the base model.
     base_nll, eval_tokens = completion_nll(model, eval_set, tokenizer.pad_token_id, cfg.batch_size)
-    args = trl_config(SFTConfig, cfg, compute, checkpoint_dir, params.seed, max_length=params.model.max_length,
-                      include_num_input_tokens_seen="non_padding", completion_only_loss=True,
-                      train_sampling_strategy="group_by_length", remove_unused_columns=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set.remove_columns("responses"),
-                         eval_dataset=eval_set.remove_columns("responses"), processing_class=tokenizer,
-                         callbacks=[LiveCurves(live), *callbacks])
+    args = training.trl_config(SFTConfig, cfg, compute, checkpoint_dir, params.seed,
+                               max_length=params.model.max_length, include_num_input_tokens_seen="non_padding",
+                               completion_only_loss=True, train_sampling_strategy="group_by_length",
+                               remove_unused_columns=True)
+    trainer = training.build_trainer(SFTTrainer, model, args, compute, live, callbacks,
+                                     train_dataset=train_set.remove_columns("responses"),
+                                     eval_dataset=eval_set.remove_columns("responses"), processing_class=tokenizer)
     ranks = watch_ranks(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
     sft_nll, _ = completion_nll(model, eval_set, tokenizer.pad_token_id, cfg.batch_size)
     if state.is_main_process:
-        drop_finished_checkpoints(checkpoint_dir)
+        training.drop_finished_checkpoints(checkpoint_dir)
         save_model(model, tokenizer, out_dir)
     resumed_step = int(resume.rsplit("-", 1)[1]) if resume else 0
     steps = trainer.state.global_step
@@ -72,9 +73,10 @@ def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
     responses_per_row = sum(train_set["responses"]) / max(len(train_set), 1)
     return {
         "layout": cfg.layout, **run_metrics(compute), **ranks.metrics(state.num_processes),
+        "trainable_dtype": str(trainer.trainable_dtype),
         "train_sequences": len(train_set), "eval_sequences": len(eval_set), "eval_tokens": eval_tokens,
         "steps": steps, "resumed_from_step": resumed_step,
-        "train_loss": round(result.metrics["train_loss"], 4),
+        "train_loss": training.logged_train_loss(trainer),
         "base_eval_nll": round(base_nll, 4), "base_eval_perplexity": round(math.exp(base_nll), 3),
         "eval_nll": round(sft_nll, 4), "eval_perplexity": round(math.exp(sft_nll), 3),
         "trainable_params": trainable, "trainable_pct": round(100 * trainable / total, 3),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -18,11 +19,13 @@ from transformers import TrainerCallback
 
 from persona.config import TrainConfig
 from persona.distributed import check_world_size
+from persona.files import write_text_atomic
 from persona.hardware import Compute
 from persona.models import BASE_INFO
 
 log = logging.getLogger(__name__)
 FINGERPRINT = "fingerprint.json"
+MANIFEST = "manifest.json"  # written last into a checkpoint: its presence and digests say the checkpoint is whole
 
 
 def fingerprint(train: TrainConfig, inputs: list[Path], base_path: Path, **settings) -> dict:
@@ -34,20 +37,75 @@ def fingerprint(train: TrainConfig, inputs: list[Path], base_path: Path, **setti
 
 
 def prepare_checkpoints(folder: Path, expected: dict, writer: bool = True) -> str | None:
-    """Return the checkpoint to resume from, wiping checkpoints of other inputs (only if `writer`)."""
+    """Return the newest whole checkpoint to resume from, or None.
+
+    Only the `writer` (rank 0) changes files: it wipes checkpoints of other inputs, and discards, with a
+    warning, any checkpoint a kill cut short (no manifest, or a file whose size or digest differs from it),
+    so a damaged checkpoint costs the steps since the previous one instead of crashing every rerun.
+    """
     stamp = folder / FINGERPRINT
     if writer:
-        if folder.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != expected):
+        if folder.exists() and (not stamp.exists() or _read_json(stamp) != expected):
             log.info("checkpoints in %s are from other params or data: starting afresh", folder)
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(expected, indent=2))
-    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    complete = [c for c in checkpoints if (c / "trainer_state.json").exists()]
-    if complete:
-        log.info("resuming from %s", complete[-1])
-        return str(complete[-1])
+        write_text_atomic(stamp, json.dumps(expected, indent=2))
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    for checkpoint in checkpoints:
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            log.info("resuming from %s", checkpoint)
+            return str(checkpoint)
+        log.warning("discarding %s: %s", checkpoint, problem)
+        if writer:
+            shutil.rmtree(checkpoint)
     return None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except ValueError:  # cut off mid-write by an older version: as good as absent
+        return None
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """Record each file's size and sha256, then (atomically) the manifest itself: the checkpoint's commit mark."""
+    files = {path.relative_to(checkpoint).as_posix(): _digest(path)
+             for path in sorted(checkpoint.rglob("*")) if path.is_file() and path.name != MANIFEST}
+    write_text_atomic(checkpoint / MANIFEST, json.dumps(files, indent=1, sort_keys=True))
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed (no manifest, a file missing, cut short or changed), or None."""
+    manifest = _read_json(checkpoint / MANIFEST) if (checkpoint / MANIFEST).exists() else None
+    if not isinstance(manifest, dict):
+        return "no manifest (the run was killed while saving it)"
+    for name, recorded in manifest.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _digest(path) != recorded:
+            return f"{name} differs from its manifest ({path.stat().st_size} bytes, {recorded['bytes']} recorded)"
+    return None
+
+
+def _digest(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+class CheckpointManifest(TrainerCallback):
+    """Seals each Trainer checkpoint with a manifest once every process has written its part of it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        from accelerate import PartialState
+        PartialState().wait_for_everyone()  # other ranks write their rng state into the same folder
+        if state.is_world_process_zero:
+            write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 def drop_finished_checkpoints(folder: Path) -> None:
@@ -113,6 +171,52 @@ class LiveCurves(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.live is not None and state.is_world_process_zero:
             self.live.end()
+
+
+def build_trainer(trainer_class, model, args, compute: Compute, live, callbacks=(), **kwargs):
+    """The one way the project builds a TRL trainer (SFT, reward): curves, sealed checkpoints, trainable dtype.
+
+    TRL 1.x casts every trainable parameter of a quantized model to bf16 in its trainers' constructors,
+    whatever `fp16` says: fp16's GradScaler then refuses bf16 gradients (seen on an H200), and on these
+    CPUs a bf16 matmul is hundreds of times slower than fp32. So under fp16 and fp32 the trainable
+    weights go back to fp32 here, before the optimizer exists; under bf16 TRL's cast stays (bf16 QLoRA
+    trained on an H200 that way). `trainer.trainable_dtype` is read when training begins.
+    """
+    probe = TrainableDtype()
+    trainer = trainer_class(model=model, args=args, callbacks=[LiveCurves(live), CheckpointManifest(), probe,
+                                                               *callbacks], **kwargs)
+    if compute.precision != "bf16":
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
+    trainer.trainable_dtype = probe
+    return trainer
+
+
+def logged_train_loss(trainer) -> float | None:
+    """The mean of every logged training loss of the run, sessions before a resume included: the Trainer's own
+    `train_loss` averages only the last session's steps, so a resumed run would report another figure."""
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    mean = sum(losses) / len(losses) if losses else float("nan")
+    return round(mean, 4) if math.isfinite(mean) else None
+
+
+def trainable_dtype(model) -> str:
+    """The dtype of the trainable parameters (`float32`), or each of them joined by `+` if they differ."""
+    return "+".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}))
+
+
+class TrainableDtype(TrainerCallback):
+    """`str(probe)`: `trainable_dtype` of the model when training begins (after every cast)."""
+
+    def __init__(self):
+        self.value = "unknown"
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.value = trainable_dtype(model)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def trl_config(config_class, train: TrainConfig, compute: Compute, output_dir: Path, seed: int, **extra):

@@ -172,3 +172,23 @@ def test_a_retired_param_fails_with_its_reason(tmp_path, key, value, reason):
     """An old params.yaml fails in one line that names the key and says why, not with a generic error."""
     error = str(assert_rejected(write_params(tmp_path, **{key: value}), key))
     assert reason in error and "\n" not in error, error
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seed_outside_numpy_range(tmp_path, seed):
+    """numpy's seeding (under transformers' set_seed) refuses these, once a stage has already done work."""
+    assert_rejected(write_params(tmp_path, seed=seed), "seed")
+
+
+def test_negative_seed_stops_a_stage_before_any_work(tmp_path):
+    """The stage script prints one line naming `seed`, exits 2, and writes nothing (no checkpoint to lose)."""
+    import os
+    import subprocess
+    import sys
+
+    write_params(tmp_path, seed=-1)
+    done = subprocess.run([sys.executable, "-m", "stages.align"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: seed: -1 is outside 0 .. 2**32-1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
 from persona import reward as reward_stage
 from persona.config import ConfigError, PairShares
@@ -53,6 +53,7 @@ def trained(pairs_dir, tiny_model_dir, tmp_path_factory):
 def test_reward_trains_and_reports(trained):
     metrics, out = trained
     assert metrics["steps"] == 24 and metrics["train_pairs"] == 24 and metrics["n_pairs"] == 12
+    assert metrics["resumed_from_step"] == 0 and metrics["trainable_dtype"] == "float32"
     for strategy in ("swap", "mismatch", "contradiction", "generic"):
         assert metrics[f"n_{strategy}"] == 3 and 0 <= metrics[f"accuracy_{strategy}"] <= 1
     assert 0 <= metrics["persona_only_accuracy"] <= 1 and metrics["n_length_matched"] > 0
@@ -69,8 +70,9 @@ def test_training_widens_the_margin_on_training_pairs(trained, pairs_dir, tiny_m
     pairs = read_pairs(pairs_dir / "train.jsonl")
     torch.manual_seed(0)
     untrained = get_peft_model(_classifier(tiny_model_dir, tokenizer), lora_config(params_with().lora, "SEQ_CLS"))
-    before = held_out_metrics(untrained, tokenizer, pairs, 256, 8)
-    after = held_out_metrics(RewardModel.load(tiny_model_dir, out / "adapter", "cpu").model, tokenizer, pairs, 256, 8)
+    before = held_out_metrics(untrained, tokenizer, pairs, 256, 8, pairs_dir / "train.jsonl")
+    after = held_out_metrics(RewardModel.load(tiny_model_dir, out / "adapter", "cpu").model, tokenizer, pairs, 256, 8,
+                             pairs_dir / "train.jsonl")
     assert after["margin"] > before["margin"] + 0.05
     assert after["accuracy"] > before["accuracy"]
 
@@ -133,3 +135,33 @@ def test_merged_reward_model_scores_like_the_adapter(tiny_model_dir, tokenizer):
     adapter_scores = RewardModel(model, tokenizer).score_chats(chats)
     merged_scores = RewardModel(model.merge_and_unload(), tokenizer).score_chats(chats)
     assert merged_scores == pytest.approx(adapter_scores, abs=1e-5)
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(trained, pairs_dir, tiny_model_dir, tmp_path):
+    """Killed after step 14 (checkpoint-12 saved), the rerun resumes there and writes the uninterrupted run's
+    adapter, byte for byte, and the same held-out metrics."""
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 14:
+                raise KeyboardInterrupt("simulated kill")
+
+    straight, straight_out = trained
+    params = params_with(reward=TINY_REWARD, model={"max_length": 256})
+    paths = Paths(pairs=pairs_dir, base=tiny_model_dir, reward=tmp_path / "adapter", checkpoints=tmp_path / "ckpt",
+                  curves=tmp_path / "live")
+    with pytest.raises(KeyboardInterrupt):
+        reward_stage.run(params, paths, callbacks=[Crash()])
+    assert not (tmp_path / "adapter").exists()
+    resumed = reward_stage.run(params, paths)
+    assert resumed["resumed_from_step"] == 12 and resumed["steps"] == 24
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "adapter" / name).read_bytes() == (straight_out / "adapter" / name).read_bytes()
+    for key in ("accuracy", "margin", "persona_only_accuracy", "score_mean", "score_std"):
+        assert resumed[key] == straight[key]
+
+
+def test_a_reply_too_long_for_the_model_names_its_row(pairs_dir, tiny_model_dir, tmp_path):
+    params = params_with(reward={**TINY_REWARD, "max_steps": 1}, model={"max_length": 24})
+    with pytest.raises(ConfigError, match=r"train\.jsonl:1 \(chosen reply\): model\.max_length: 24 tokens"):
+        train(params, pairs_dir, tiny_model_dir, tmp_path)

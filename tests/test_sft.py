@@ -46,20 +46,25 @@ def test_sft_trains_and_reports(prepared, tiny_model_dir, tmp_path):
     assert (tmp_path / "live" / "sft" / "plots" / "metrics" / "train" / "loss.tsv").exists()
 
 
-def test_interrupted_run_resumes_to_the_same_adapter(prepared, tiny_model_dir, tmp_path):
-    """Killed after step 3, a rerun resumes from checkpoint-2 and ends where an uninterrupted run ends."""
+def test_interrupted_run_resumes_to_the_same_adapter(prepared, tiny_model_dir, tmp_path, caplog):
+    """Killed in step 3, with checkpoint-2 then cut off mid-file: the rerun discards checkpoint-2 with a
+    warning, resumes from checkpoint-1 and ends where an uninterrupted run ends."""
 
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3:
                 raise KeyboardInterrupt("simulated kill")
 
-    params = params_with(sft=TINY_SFT)
+    params = params_with(sft={**TINY_SFT, "save_steps": 1})
     with pytest.raises(KeyboardInterrupt):
         run(params, prepared, tiny_model_dir, tmp_path / "killed", callbacks=[Crash()])
-    assert (tmp_path / "killed" / "ckpt" / "sft" / "checkpoint-2").is_dir()
+    checkpoints = tmp_path / "killed" / "ckpt" / "sft"
+    assert (checkpoints / "checkpoint-1" / "manifest.json").is_file()
+    damaged = checkpoints / "checkpoint-2" / "adapter_model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     resumed = run(params, prepared, tiny_model_dir, tmp_path / "killed")
-    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    assert resumed["resumed_from_step"] == 1 and resumed["steps"] == 4
+    assert "discarding" in caplog.text and "checkpoint-2" in caplog.text
 
     straight = run(params, prepared, tiny_model_dir, tmp_path / "straight")
     assert straight["resumed_from_step"] == 0

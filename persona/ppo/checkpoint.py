@@ -38,8 +38,14 @@ def load_state(folder: Path, expected: dict) -> dict | None:
     path = folder / STATE
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["fingerprint"] != expected:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - a damaged file fails in torch's zip reader or in unpickling
+        log.warning("discarding %s, which cannot be read (%s: %s): starting afresh", path, type(error).__name__,
+                    error)
+        path.unlink()
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != expected:
         log.info("PPO checkpoint in %s is from other params or inputs: starting afresh", folder)
         return None
     return state

@@ -10,6 +10,7 @@ the distribution PPO scores.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from persona import metrics as M
-from persona.config import Params, PPOConfig
+from persona.config import ConfigError, Params, PPOConfig
 from persona.data import read_dialogues
 from persona.distributed import agreement, check_world_size, not_checked
 from persona.hardware import resolve_compute, run_metrics
@@ -35,7 +36,7 @@ from persona.ppo.rollout import Episode, episode_indices, episodes, pack, sample
 from persona.ppo.update import update
 from persona.reward import REWARD_INFO, RewardModel
 from persona.seeds import derive_seed
-from persona.training import build_optimizer, open_live
+from persona.training import build_optimizer, open_live, trainable_dtype
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def train_ppo(params: Params, paths: Paths, stop_after: int | None = None) -> di
     train_episodes, eval_prompts = load_episodes(paths, cfg, params.seed)
     setup, optimizer = build(params, paths, compute)
     accelerator, unwrapped = setup.accelerator, setup.unwrapped
+    dtype_at_start = trainable_dtype(unwrapped)
     sft_rewards, _ = held_out_reward(setup, eval_prompts, params.seed)
     controller = kl_controller(cfg, accelerator.num_processes)
     checkpoint_dir, expected = paths.checkpoint_dir("align"), run_fingerprint(params, paths, accelerator.num_processes)
@@ -79,22 +81,26 @@ def train_ppo(params: Params, paths: Paths, stop_after: int | None = None) -> di
     ppo_rewards, held_out_kl = held_out_reward(setup, eval_prompts, params.seed)
     if accelerator.is_main_process:
         save_policy(setup, paths, live)
+    summary = {"steps": steps_done, "trainable_dtype": dtype_at_start, "resumed_from_step": first_step,
+               "stopped": stopped, "skipped_updates": skipped,
+               **(ranks or not_checked(accelerator.num_processes)), "sampler_logprob_gap_max": gap,
+               **reward_metrics(sft_rewards, ppo_rewards, params.seed), **held_out_kl,
+               "kl_estimator": cfg.kl_estimator, "final_kl_coef": round(controller.value, 5),
+               "final_train_reward": round(last.get("reward", float("nan")), 4),
+               "rollout_tokens_per_s": round(last.get("rollout_tokens_per_s", float("nan")), 1),
+               **run_metrics(compute), "reference": cfg.reference, "turns": cfg.turns,
+               "wall_s": round(time.perf_counter() - started, 1)}
+    # only now: a summary that fails (as a bad seed once did in numpy) must leave the checkpoint to resume from
     (checkpoint_dir / STATE).unlink(missing_ok=True)
-    return {"steps": steps_done, "resumed_from_step": first_step, "stopped": stopped, "skipped_updates": skipped,
-            **(ranks or not_checked(accelerator.num_processes)), "sampler_logprob_gap_max": gap,
-            **reward_metrics(sft_rewards, ppo_rewards, params.seed), **held_out_kl,
-            "kl_estimator": cfg.kl_estimator, "final_kl_coef": round(controller.value, 5),
-            "final_train_reward": round(last.get("reward", float("nan")), 4),
-            "rollout_tokens_per_s": round(last.get("rollout_tokens_per_s", float("nan")), 1),
-            **run_metrics(compute), "reference": cfg.reference, "turns": cfg.turns,
-            "wall_s": round(time.perf_counter() - started, 1)}
+    return summary
 
 
 def load_episodes(paths: Paths, cfg: PPOConfig, seed: int) -> tuple[list[Episode], list[Episode]]:
     """(training episodes, the `eval_n` held-out single-turn prompts)."""
     train_episodes = episodes(read_dialogues(paths.prepared / "train.jsonl"), cfg.turns, cfg.max_history_turns)
     if len(train_episodes) < cfg.rollout_batch_size:
-        raise ValueError(f"ppo.rollout_batch_size: only {len(train_episodes)} training episodes")
+        raise ConfigError(f"ppo.rollout_batch_size: {cfg.rollout_batch_size} is more than the "
+                          f"{len(train_episodes)} training episodes in {paths.prepared / 'train.jsonl'}")
     eval_prompts = episodes(read_dialogues(paths.prepared / "valid.jsonl"), 1, cfg.max_history_turns)
     return train_episodes, [eval_prompts[i] for i in sample_order(len(eval_prompts), -1, seed)[:cfg.eval_n]]
 
@@ -165,8 +171,10 @@ def log_curves(live, step: int, stats: dict) -> None:
 
 def save_policy(setup: Setup, paths: Paths, live) -> None:
     """The trained adapter (alone, at the folder's root) and the value head to `paths.policy`; close the curves."""
-    save_model(setup.unwrapped.policy, setup.tokenizer, paths.policy, selected_adapters=[TRAINABLE])
-    torch.save(setup.unwrapped.value_head.state_dict(), paths.policy / "value_head.pt")
+    value_head = io.BytesIO()
+    torch.save(setup.unwrapped.value_head.state_dict(), value_head)
+    save_model(setup.unwrapped.policy, setup.tokenizer, paths.policy, {"value_head.pt": value_head.getvalue()},
+               selected_adapters=[TRAINABLE])
     if live:
         live.end()
 
