@@ -4,29 +4,36 @@ SPC rows are `user 1 personas`, `user 2 personas` (facts, one per line) and
 `Best Generated Conversation` (one `User 1:` / `User 2:` turn per line). A third of the real
 rows carry generation artefacts (`[user 1's name]` placeholders, recipe lines without a
 speaker prefix); they are counted by kind and either skipped or fatal, as params say, and each
-skipped row is written out with its file and line so nothing disappears silently.
+skipped row is written out with its file and line so nothing disappears silently. So are CSV records
+the reader cannot trust: a syntax error (a stray quote) or a field count other than the header's.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import random
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from persona.config import Params, resolve_path
+from persona.config import ConfigError, Params, resolve_path
+from persona.files import write_text_atomic
 from persona.paths import DEFAULT, Paths
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("user 1 personas", "user 2 personas", "Best Generated Conversation")
-MALFORMED_KINDS = ("no_persona", "empty_conversation", "unprefixed_turn", "placeholder", "one_speaker")
+# The first two come from the CSV reader, the rest from parse_row.
+MALFORMED_KINDS = ("csv_syntax", "field_count", "no_persona", "empty_conversation", "unprefixed_turn", "placeholder",
+                   "one_speaker")
 _TURN = re.compile(r"^\s*User\s*([12])\s*:\s*(.*)$", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"\[[^\]]*\]")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass
@@ -62,6 +69,7 @@ class MalformedRowError(ValueError):
 class ParseReport:
     rows: int = 0
     malformed: list[Malformed] = field(default_factory=list)
+    extra_columns: set[str] = field(default_factory=set)  # columns besides COLUMNS, ignored
 
     def counts(self) -> dict[str, int]:
         found = Counter(m.kind for m in self.malformed)
@@ -105,22 +113,79 @@ def _facts(cell: str | None) -> list[str]:
     return [line.strip() for line in (cell or "").splitlines() if line.strip()]
 
 
-def read_csv_rows(path: Path, source: Path):
+def read_csv_rows(path: Path, source: Path) -> Iterator[tuple[str, dict | Malformed]]:
     """Yield (origin, row) with origin = 'file:line' of the row's first physical line, the file named
-    relative to the `source` folder: outputs must not depend on where the repo was cloned."""
+    relative to the `source` folder: outputs must not depend on where the repo was cloned.
+
+    A record that is not valid CSV (`csv_syntax`: quoting is strict, so a stray quote fails where it stops
+    making sense instead of swallowing the file up to the next quote) or has another number of fields than
+    the header (`field_count`: padding or truncating it would guess which value belongs to which column)
+    comes back as a Malformed. Reading then resumes at the line after its first: a stray quote can merge
+    the rows after it into one bad record, and those rows are taken back. Anything else that starts inside
+    a reported record is a piece of it, and is neither returned nor reported again.
+    """
     name = path.relative_to(source).as_posix() if path != source else path.name
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or not set(COLUMNS) <= set(header):
-            raise MalformedRowError(f"{path}: expected SPC columns {list(COLUMNS)}, found {header}")
-        while True:
-            line = reader.line_num + 1  # before reading, so blank lines skipped below still count
-            values = next(reader, None)
-            if values is None:
-                return
-            if values:
-                yield f"{name}:{line}", dict(zip(header, values + [None] * (len(header) - len(values))))
+    lines = read_utf8_lines(path)
+    # The default limit (128 KiB a field) guards against a runaway quoted field reading unbounded input;
+    # the whole file is in memory already, so its length bounds every field and a long one is no error.
+    # The setting is process-wide; raising it only makes other csv readers accept longer fields.
+    csv.field_size_limit(max(csv.field_size_limit(), sum(map(len, lines))))
+    position, header = read_record(lines, 0)
+    if isinstance(header, csv.Error):
+        raise MalformedRowError(f"{path}:1: the header is not valid CSV ({header})")
+    if not set(COLUMNS) <= set(header):
+        raise MalformedRowError(f"{path}:1: expected SPC columns {list(COLUMNS)}, found {header}")
+    reported_until = 0  # index of the line after the last record reported as malformed
+    while position < len(lines):
+        end, values = read_record(lines, position)
+        origin = f"{name}:{position + 1}"
+        if values == []:  # a blank line
+            position = end
+            continue
+        inside_reported = position < reported_until
+        if isinstance(values, list) and len(values) == len(header):
+            row = dict(zip(header, values))
+            if not inside_reported or isinstance(parse_row(row, origin, 0), Dialogue):
+                yield origin, row
+                position = end
+                continue
+        elif not inside_reported:
+            span = f" (lines {position + 1}-{end})" if end > position + 1 else ""
+            if isinstance(values, csv.Error):
+                yield origin, Malformed(origin, "csv_syntax", f"CSV syntax error: {values}{span}")
+            else:
+                yield origin, Malformed(origin, "field_count", f"{len(values)} fields, the header has "
+                                                               f"{len(header)}{span}")
+            reported_until = end
+        position += 1
+
+
+def read_record(lines: list[str], start: int) -> tuple[int, list[str] | csv.Error]:
+    """The CSV record that begins at `lines[start]`: the index of the line after it, and its values
+    ([] for a blank line or the end of the file) or the csv.Error that stopped it."""
+    reader = csv.reader((lines[i] for i in range(start, len(lines))), strict=True)
+    try:
+        values = next(reader, [])
+    except csv.Error as error:
+        values = error
+    return start + reader.line_num, values
+
+
+def read_utf8_lines(path: Path) -> list[str]:
+    """The file's physical lines, line ends kept; a leading byte-order mark (Excel writes one) dropped.
+
+    The bytes are decoded at once, not streamed, so a decoding error's offset is the file's own.
+    """
+    content = path.read_bytes()
+    try:
+        text = content.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        line = len(_LINE_END.findall(content[: error.start])) + 1
+        raise MalformedRowError(f"{path}: not UTF-8 at byte {error.start} (line {line}): {error.reason} "
+                                f"{content[error.start:error.end]!r}; save the file as UTF-8") from None
+    # newline="": split on \r\n, \r and \n only, as csv does (str.splitlines also splits on \x0b, \x85,
+    # \u2028 and more, which are plain characters to csv and would shift every line number after them).
+    return io.StringIO(text, newline="").readlines()
 
 
 def spc_csv_files(source: Path) -> list[Path]:
@@ -139,8 +204,8 @@ def hub_rows(hub_id: str):
     try:
         splits = datasets.load_dataset(hub_id)
     except Exception as error:  # offline machines fail in many ways; say what to do instead
-        raise RuntimeError(f"data.source: could not load {hub_id!r} from the hub ({type(error).__name__}: {error}). "
-                           "Offline, set data.source to 'sample' or to a folder of SPC CSV files.") from error
+        raise ConfigError(f"data.source: could not load {hub_id!r} from the hub ({type(error).__name__}: {error}). "
+                          "Offline, set data.source to 'sample' or to a folder of SPC CSV files.") from error
     for split, rows in splits.items():
         for index, row in enumerate(rows):
             yield f"{hub_id}:{split}:{index}", row
@@ -161,7 +226,11 @@ def load_dialogues(source: str, hub_id: str, on_malformed: str, base_dir: Path =
     report, dialogues = ParseReport(), []
     for index, (origin, row) in enumerate(rows):
         report.rows += 1
-        parsed = parse_row(row, origin, index)
+        if isinstance(row, Malformed):
+            parsed = row
+        else:
+            report.extra_columns.update(key for key in row if key not in COLUMNS)
+            parsed = parse_row(row, origin, index)
         if isinstance(parsed, Malformed):
             if on_malformed == "fail":
                 raise MalformedRowError(f"{where}{parsed.origin}: malformed row ({parsed.kind}): {parsed.detail}. "
@@ -169,6 +238,9 @@ def load_dialogues(source: str, hub_id: str, on_malformed: str, base_dir: Path =
             report.malformed.append(parsed)
         else:
             dialogues.append(parsed)
+    if report.extra_columns:
+        log.warning("ignoring %d column(s) that are not SPC's: %s", len(report.extra_columns),
+                    sorted(report.extra_columns))
     if not dialogues:
         raise MalformedRowError(f"data.source {source!r}: no usable conversations in {report.rows} rows "
                                 f"(malformed: {report.counts()})")
@@ -206,8 +278,10 @@ def split_by_persona(dialogues: list[Dialogue], valid_fraction: float, test_frac
         splits[split].append(dialogue)
     for name in ("valid", "test"):
         if not splits[name]:
-            raise ValueError(f"data: the {name} split is empty ({len(dialogues)} dialogues); raise "
-                             f"data.{name}_fraction or use more data")
+            sizes = ", ".join(f"{split} {len(items)}" for split, items in splits.items())
+            raise ConfigError(f"data.{name}_fraction: the {name} split is empty ({len(dialogues)} dialogues: "
+                              f"{sizes}, {dropped} dropped for persona overlap); raise data.{name}_fraction "
+                              "or use more data")
     return {name: splits[name] for name in ("train", "valid", "test")}, dropped
 
 
@@ -225,19 +299,16 @@ def run(params: Params, paths: Paths = DEFAULT) -> dict:
     dialogues, report = load_dialogues(data.source, data.hub_id, data.on_malformed, paths.params.resolve().parent)
     kept = sample_fraction(dialogues, data.fraction, params.seed)
     splits, dropped = split_by_persona(kept, data.valid_fraction, data.test_fraction, params.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
     for name, items in splits.items():
         write_dialogues(out_dir / f"{name}.jsonl", items)
-    with (out_dir / "malformed.jsonl").open("w") as handle:
-        for item in report.malformed:
-            handle.write(json.dumps(asdict(item)) + "\n")
+    write_text_atomic(out_dir / "malformed.jsonl", "".join(f"{json.dumps(asdict(m))}\n" for m in report.malformed))
     counts = report.counts()
     if report.malformed:
         log.warning("skipped %d malformed rows of %d: %s (listed in %s)", len(report.malformed), report.rows,
                     {k: v for k, v in counts.items() if v}, out_dir / "malformed.jsonl")
     metrics = {"rows": report.rows, "parsed": len(dialogues), "malformed": len(report.malformed),
                **{f"malformed_{k}": v for k, v in counts.items()}, "sampled": len(kept),
-               "dropped_persona_overlap": dropped}
+               "dropped_persona_overlap": dropped, "extra_columns": len(report.extra_columns)}
     for name, items in splits.items():
         metrics[f"{name}_dialogues"] = len(items)
         metrics[f"{name}_examples"] = 2 * len(items)  # one per speaker
@@ -246,9 +317,7 @@ def run(params: Params, paths: Paths = DEFAULT) -> dict:
 
 
 def write_dialogues(path: Path, dialogues: list[Dialogue]) -> None:
-    with path.open("w") as handle:
-        for dialogue in dialogues:
-            handle.write(dialogue.to_json() + "\n")
+    write_text_atomic(path, "".join(dialogue.to_json() + "\n" for dialogue in dialogues))
 
 
 def read_dialogues(path: Path) -> list[Dialogue]:

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
+import re
 import shutil
+import sys
+import types
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from persona import data
+from persona.config import ConfigError
 from persona.data import (
     COLUMNS,
     MALFORMED_KINDS,
@@ -24,6 +30,7 @@ from persona.data import (
     split_by_persona,
 )
 from persona.paths import DEFAULT, Paths
+from persona.runner import USER_ERRORS
 from tests.conftest import REPO, params_with
 
 HUB_ID = "google/Synthetic-Persona-Chat"
@@ -36,7 +43,7 @@ GOOD_CONVERSATION = ("User 1: Hi, I just got off a night shift.\n"
                      "User 1: Very long. Coffee is my best friend.\n"
                      "User 2: Audiobooks are mine.")
 
-# One row per malformed kind; `kind` is what parse_row must report.
+# One row per malformed kind that parse_row reports.
 MALFORMED_ROWS = {
     "no_persona": (P1, [], GOOD_CONVERSATION),
     "empty_conversation": (P1, P2, "\n  \n"),
@@ -44,10 +51,34 @@ MALFORMED_ROWS = {
     "placeholder": (P1, P2, "User 1: Hi, I'm [user 1's name].\nUser 2: Nice to meet you."),
     "one_speaker": (P1, P2, "User 1: Hello?\nUser 1: Is anyone there?"),
 }
+# One CSV record per malformed kind that the CSV reader reports, `{fact}` starting its first field.
+MALFORMED_CSV = {
+    "csv_syntax": '"{fact}" I said,I drive a truck.,User 1: Hi.\r\n',  # text after a closing quote
+    "field_count": '"{fact}\nI am a nurse.","User 1: Hi.\nUser 2: Hello."\r\n',  # user 2 personas missing
+}
 
 
 def row(p1: list[str], p2: list[str], conversation: str) -> dict:
     return {COLUMNS[0]: "\n".join(p1), COLUMNS[1]: "\n".join(p2), COLUMNS[2]: conversation}
+
+
+def csv_record(r: dict) -> str:
+    buffer = io.StringIO()
+    csv.DictWriter(buffer, fieldnames=list(COLUMNS)).writerow(r)
+    return buffer.getvalue()
+
+
+def malformed_record(kind: str, fact: str = "I am a nurse.") -> str:
+    """CSV text of one record of malformed `kind`, its first persona fact `fact`."""
+    if kind in MALFORMED_CSV:
+        return MALFORMED_CSV[kind].format(fact=fact)
+    p1, p2, conversation = MALFORMED_ROWS[kind]
+    return csv_record(row([fact] + p1, p2, conversation))
+
+
+def write_records(path: Path, records: list[str], header: str = ",".join(COLUMNS) + "\r\n") -> Path:
+    path.write_text(header + "".join(records), encoding="utf-8", newline="")
+    return path
 
 
 def write_csv(path: Path, rows: list[dict], fieldnames=COLUMNS) -> Path:
@@ -58,9 +89,9 @@ def write_csv(path: Path, rows: list[dict], fieldnames=COLUMNS) -> Path:
     return path
 
 
-def physical_lines(r: dict) -> int:
-    """Lines a CSV row occupies on disk: newlines inside quoted cells add lines."""
-    return 1 + sum(value.count("\n") for value in r.values())
+def physical_lines(record: str) -> int:
+    """Lines a CSV record occupies on disk: newlines inside quoted cells add lines."""
+    return len(re.findall(r"\r\n|\r|\n", record))
 
 
 def line_of(path: Path, marker: str) -> int:
@@ -109,7 +140,7 @@ def test_consecutive_same_speaker_lines_merge():
     assert parsed.turns == [(0, "Hi. How are you?"), (1, "Fine. And you?"), (0, "Good.")]
 
 
-@pytest.mark.parametrize("kind", MALFORMED_KINDS)
+@pytest.mark.parametrize("kind", MALFORMED_ROWS)
 def test_parse_row_detects_each_kind(kind):
     """parse_row reports each malformed kind instead of raising or returning a Dialogue."""
     parsed = parse_row(row(*MALFORMED_ROWS[kind]), "x.csv:7", 3)
@@ -119,17 +150,18 @@ def test_parse_row_detects_each_kind(kind):
 
 
 def test_malformed_kinds_covered():
-    """The table above has one row for every kind the module knows."""
-    assert set(MALFORMED_ROWS) == set(MALFORMED_KINDS)
+    """The tables above have one record for every kind the module knows."""
+    assert set(MALFORMED_ROWS) | set(MALFORMED_CSV) == set(MALFORMED_KINDS)
+    assert not set(MALFORMED_ROWS) & set(MALFORMED_CSV)
 
 
 def test_skip_counts_every_kind(tmp_path):
     """Under `skip`, each malformed row is counted by kind and only good rows are returned."""
-    rows = [row(P1, P2, GOOD_CONVERSATION)] + [row(*MALFORMED_ROWS[k]) for k in MALFORMED_KINDS]
-    rows.append(row(P2, P1, GOOD_CONVERSATION))
-    path = write_csv(tmp_path / "spc.csv", rows)
+    records = [csv_record(row(P1, P2, GOOD_CONVERSATION))] + [malformed_record(k) for k in MALFORMED_KINDS]
+    records.append(csv_record(row(P2, P1, GOOD_CONVERSATION)))
+    path = write_records(tmp_path / "spc.csv", records)
     dialogues, report = load_dialogues(path.name, HUB_ID, "skip", tmp_path)  # relative to base_dir
-    assert report.rows == len(rows)
+    assert report.rows == len(records)
     assert report.counts() == dict.fromkeys(MALFORMED_KINDS, 1)
     assert [m.kind for m in report.malformed] == list(MALFORMED_KINDS)
     assert [d.personas for d in dialogues] == [(P1, P2), (P2, P1)]
@@ -138,23 +170,21 @@ def test_skip_counts_every_kind(tmp_path):
 
 def test_skip_reports_origins_with_line_numbers(tmp_path):
     """Each skipped row's origin is file:line of its first physical line (multi-line cells counted)."""
-    rows = [row(P1, P2, GOOD_CONVERSATION)] + [row(*MALFORMED_ROWS[k]) for k in MALFORMED_KINDS]
-    path = write_csv(tmp_path / "spc.csv", rows)
+    records = [csv_record(row(P1, P2, GOOD_CONVERSATION))] + [malformed_record(k) for k in MALFORMED_KINDS]
+    path = write_records(tmp_path / "spc.csv", records)
     _, report = load_dialogues(str(path), HUB_ID, "skip", tmp_path)
     expected, line = [], 2
-    for r in rows:
+    for record in records:
         expected.append(f"{path.name}:{line}")
-        line += physical_lines(r)
+        line += physical_lines(record)
     assert [m.origin for m in report.malformed] == expected[1:]
 
 
 @pytest.mark.parametrize("kind", MALFORMED_KINDS)
 def test_fail_names_file_and_line(tmp_path, kind):
     """Under `fail`, the first malformed row raises with its file and line (header = line 1)."""
-    good = row(P1, P2, GOOD_CONVERSATION)
-    p1, p2, conversation = MALFORMED_ROWS[kind]
-    bad = row(["BADROW marker fact."] + p1, p2, conversation)
-    path = write_csv(tmp_path / "spc_fail.csv", [good, good, bad, good])
+    good = csv_record(row(P1, P2, GOOD_CONVERSATION))
+    path = write_records(tmp_path / "spc_fail.csv", [good, good, malformed_record(kind, "BADROW marker fact."), good])
     expected = 1 + 2 * physical_lines(good) + 1
     assert expected == line_of(path, "BADROW")  # the arithmetic agrees with the file on disk
     with pytest.raises(MalformedRowError) as info:
@@ -209,7 +239,7 @@ def test_prepare_writes_splits_and_metrics(tmp_path):
     source = tmp_path / "spc"
     source.mkdir()
     shutil.copy(REPO / DEFAULT.sample / "conversations.csv", source / "a_sample.csv")
-    write_csv(source / "b_bad.csv", [row(*MALFORMED_ROWS[k]) for k in MALFORMED_KINDS])
+    write_records(source / "b_bad.csv", [malformed_record(k) for k in MALFORMED_KINDS])
     out = tmp_path / "prepared"
     params = params_with(seed=42, data={"source": "spc", "fraction": 1.0})
     metrics = data.run(params, Paths(params=tmp_path / "params.yaml", prepared=out))
@@ -220,6 +250,7 @@ def test_prepare_writes_splits_and_metrics(tmp_path):
     assert metrics["malformed"] == len(MALFORMED_KINDS)
     for kind in MALFORMED_KINDS:
         assert metrics[f"malformed_{kind}"] == 1
+    assert metrics["extra_columns"] == 0
 
     splits = {name: read_dialogues(out / f"{name}.jsonl") for name in ("train", "valid", "test")}
     for name, items in splits.items():
@@ -342,7 +373,154 @@ def test_split_shared_persona_stays_together():
     assert where["d000"] == where["d001"] == where["d002"]
 
 
-def test_split_rejects_empty_valid():
-    """Too little data for a valid or test split is an error, not a silently empty split."""
-    with pytest.raises(ValueError, match="split is empty"):
-        split_by_persona([make_dialogue(0, ["x"], ["y"])], 0.1, 0.1, seed=0)
+@pytest.mark.parametrize(("name", "dialogues", "valid_fraction", "test_fraction"),
+                         [("valid", 1, 0.1, 0.1), ("test", 10, 0.49, 0.01)])
+def test_split_rejects_an_empty_split(name, dialogues, valid_fraction, test_fraction):
+    """Too little data for a valid or test split is an error naming the param, not a silently empty split."""
+    items = [make_dialogue(i, [f"solo {i}"], [f"partner {i}"]) for i in range(dialogues)]
+    expected = rf"^data\.{name}_fraction: the {name} split is empty \({dialogues} dialogues"
+    with pytest.raises(ConfigError, match=expected):
+        split_by_persona(items, valid_fraction, test_fraction, seed=0)
+    assert issubclass(ConfigError, USER_ERRORS)  # the stage prints it as one line
+
+
+# --- what the CSV reader accepts and reports -------------------------------------------------------
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    """Excel's 'CSV UTF-8' starts with a byte-order mark; the header is still recognised, lines unchanged."""
+    path = tmp_path / "bom.csv"
+    text = ",".join(COLUMNS) + "\r\n" + csv_record(row(P1, P2, GOOD_CONVERSATION))
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (dialogue,), _ = load_dialogues(str(path), HUB_ID, "fail", tmp_path)
+    assert dialogue.personas == (P1, P2)
+    assert dialogue.origin == "bom.csv:2"
+
+
+def test_non_utf8_names_file_byte_and_line(tmp_path):
+    """A Latin-1 byte far into the file: one line with the file's own byte offset (not a buffer's) and line."""
+    good = csv_record(row(P1, P2, GOOD_CONVERSATION))
+    head = (",".join(COLUMNS) + "\r\n" + good * 200).encode()  # past any read buffer
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(head + csv_record(row(["I live in Malm\xf6."], P2, GOOD_CONVERSATION)).encode("latin-1"))
+    offset = len(head) + len("I live in Malm")
+    for policy in ("skip", "fail"):
+        with pytest.raises(MalformedRowError) as info:
+            load_dialogues(str(path), HUB_ID, policy, tmp_path)
+        message = str(info.value)
+        assert f"latin1.csv: not UTF-8 at byte {offset} (line {1 + 200 * physical_lines(good) + 1})" in message
+        assert "\n" not in message
+
+
+def test_rows_with_too_few_or_too_many_fields_are_reported(tmp_path):
+    """A short row is not padded and a long one not truncated: both are reported with their line."""
+    good = csv_record(row(P1, P2, GOOD_CONVERSATION))
+    short = '"I am a nurse.","User 1: Hi.\nUser 2: Hello."\r\n'
+    long = csv_record(row(P1, P2, GOOD_CONVERSATION)).replace("\r\n", ",surplus\r\n")
+    assert long.endswith('",surplus\r\n')
+    path = write_records(tmp_path / "fields.csv", [short, good, long, good])
+    dialogues, report = load_dialogues(str(path), HUB_ID, "skip", tmp_path)
+    second_good = 2 + physical_lines(short) + physical_lines(good) + physical_lines(long)
+    assert [d.origin for d in dialogues] == [f"fields.csv:{2 + physical_lines(short)}", f"fields.csv:{second_good}"]
+    long_line = second_good - physical_lines(long)
+    assert [(m.origin, m.kind, m.detail) for m in report.malformed] == [
+        ("fields.csv:2", "field_count", "2 fields, the header has 3 (lines 2-3)"),
+        (f"fields.csv:{long_line}", "field_count", f"4 fields, the header has 3 (lines {long_line}-{second_good - 1})"),
+    ]
+
+
+def test_stray_quote_keeps_the_rows_after_it(tmp_path):
+    """An unbalanced quote opening a field is reported at its line; the well-formed rows after it still parse
+    (the lenient csv dialect read on to the next quote and merged the next row into the bad one)."""
+    good = csv_record(row(P1, P2, GOOD_CONVERSATION))
+    path = write_records(tmp_path / "stray.csv", [good, '"I am a nurse.,I drive a truck.,User 1: Hi.\r\n', good, good])
+    dialogues, report = load_dialogues(str(path), HUB_ID, "skip", tmp_path)
+    bad_line = 2 + physical_lines(good)
+    assert [d.origin for d in dialogues] == [f"stray.csv:{line}" for line in
+                                             (2, bad_line + 1, bad_line + 1 + physical_lines(good))]
+    assert all(d.personas == (P1, P2) for d in dialogues)
+    assert [(m.origin, m.kind) for m in report.malformed] == [(f"stray.csv:{bad_line}", "csv_syntax")]
+
+
+@pytest.mark.parametrize("first_fact", [", and I knit.", "\nI am a nurse."])
+def test_stray_quote_closing_validly_in_the_next_row_keeps_that_row(tmp_path, first_fact):
+    """Found by the fuzzer: a stray quote closes at the next row's opening quote, and a comma or line end after
+    it leaves valid CSV, a record of 1 field; the row it ran into is read again from its own first line."""
+    good = csv_record(row([first_fact, "I have two beagles."], P2, GOOD_CONVERSATION))
+    assert good.startswith(f'"{first_fact[0]}')
+    path = write_records(tmp_path / "stray.csv", ['"I wrote this line myself.\r\n', good])
+    dialogues, report = load_dialogues(str(path), HUB_ID, "skip", tmp_path)
+    assert [(d.origin, d.personas) for d in dialogues] == [("stray.csv:3", ([first_fact.strip(), P1[1]], P2))]
+    assert [(m.origin, m.kind) for m in report.malformed] == [("stray.csv:2", "field_count")]
+
+
+@pytest.mark.parametrize("content", ["", "\r\n"])
+def test_empty_file_names_the_file(tmp_path, content):
+    path = tmp_path / "empty.csv"
+    path.write_text(content, newline="")
+    with pytest.raises(MalformedRowError, match=r"empty\.csv:1: expected SPC columns .*, found \[\]"):
+        load_dialogues(str(path), HUB_ID, "skip", tmp_path)
+
+
+def test_header_with_a_csv_syntax_error_names_the_file(tmp_path):
+    path = write_records(tmp_path / "header.csv", [], header='"user 1 personas"x,user 2 personas\r\n')
+    with pytest.raises(MalformedRowError, match=r"header\.csv:1: the header is not valid CSV"):
+        load_dialogues(str(path), HUB_ID, "skip", tmp_path)
+
+
+def test_a_field_longer_than_csv_default_limit_parses(tmp_path):
+    """csv refuses fields over 128 KiB by default; a long but well-formed conversation is still a row."""
+    long_turn = "a word " * 30_000
+    path = write_csv(tmp_path / "long.csv", [row(P1, P2, f"User 1: {long_turn}\nUser 2: That was long.")])
+    (dialogue,), _ = load_dialogues(str(path), HUB_ID, "fail", tmp_path)
+    assert dialogue.turns == [(0, long_turn.strip()), (1, "That was long.")]
+
+
+def test_line_numbers_count_only_csv_line_ends(tmp_path):
+    """\\x0b, \\x0c, \\x85 and \\u2028 are line breaks to str.splitlines but plain text to csv: the next row's line
+    is counted over \\r\\n, \\r and \\n alone, whichever the rows end with."""
+    odd = csv_record(row(["I like \x0bform\x0cfeeds \x85 and \u2028 separators."], P2, GOOD_CONVERSATION))
+    records = [odd.replace("\r\n", "\n"), odd.replace("\r\n", "\r"), odd]
+    path = write_records(tmp_path / "ends.csv", records)
+    dialogues, _ = load_dialogues(str(path), HUB_ID, "fail", tmp_path)
+    assert [d.origin for d in dialogues] == [f"ends.csv:{2 + i * physical_lines(odd)}" for i in range(3)]
+
+
+def test_extra_columns_are_counted_and_logged_once(tmp_path, caplog):
+    """Columns besides SPC's are ignored but not silently: counted, and their names logged once for all files."""
+    for name, extra in (("a.csv", ("mood", "notes")), ("b.csv", ("notes",))):
+        rows = [{**row(P1, P2, GOOD_CONVERSATION), **{column: "x" for column in extra}}] * 3
+        write_csv(tmp_path / name, rows, fieldnames=COLUMNS + extra)
+    with caplog.at_level(logging.WARNING, logger="persona.data"):
+        dialogues, report = load_dialogues(str(tmp_path), HUB_ID, "fail", tmp_path)
+    assert len(dialogues) == 6 and report.extra_columns == {"mood", "notes"}
+    mentions = [r.getMessage() for r in caplog.records if "notes" in r.getMessage()]
+    assert mentions == ["ignoring 2 column(s) that are not SPC's: ['mood', 'notes']"]
+
+
+def test_extra_columns_reach_the_metrics(tmp_path):
+    source = tmp_path / "spc"
+    source.mkdir()
+    shutil.copy(REPO / DEFAULT.sample / "conversations.csv", source / "a_sample.csv")
+    write_csv(source / "b_extra.csv", [{**row(P1, P2, GOOD_CONVERSATION), "mood": "calm"}],
+              fieldnames=COLUMNS + ("mood",))
+    params = params_with(seed=42, data={"source": "spc", "fraction": 1.0})
+    metrics = data.run(params, Paths(params=tmp_path / "params.yaml", prepared=tmp_path / "out"))
+    assert metrics["extra_columns"] == 1
+
+
+def test_hub_rows_extra_keys_are_counted(monkeypatch):
+    """Hub rows are dicts: keys besides SPC's columns count as extra columns too."""
+    rows = [(f"{HUB_ID}:train:{i}", {**row(P1, P2, GOOD_CONVERSATION), "id": i}) for i in range(2)]
+    monkeypatch.setattr(data, "hub_rows", lambda hub_id: iter(rows))
+    dialogues, report = load_dialogues("hub", HUB_ID, "fail")
+    assert len(dialogues) == 2 and report.extra_columns == {"id"}
+
+
+def test_hub_unreachable_is_one_line_naming_the_key(monkeypatch):
+    def offline(hub_id):
+        raise ConnectionError("no network")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(USER_ERRORS, match=r"^data\.source: could not load .*ConnectionError: no network"):
+        load_dialogues("hub", HUB_ID, "skip")
