@@ -28,7 +28,9 @@ from persona import metrics as M
 from persona.chat_format import Prompt, build_dataset, messages_for, select_prompts
 from persona.config import ConfigError, EvaluateConfig, Params
 from persona.data import Dialogue, persona_key, read_dialogues
+from persona.files import write_text_atomic
 from persona.generation import Decoding, generate_replies
+from persona.hardware import library_versions
 from persona.judges import Embedder, load_nli
 from persona.likelihood import candidate_logprobs, completion_nll, reply_logprobs
 from persona.models import load_policies, policy
@@ -276,6 +278,7 @@ def run(params: Params, paths: Paths = DEFAULT) -> dict:
     dialogues = read_dialogues(paths.prepared / f"{cfg.split}.jsonl")
     result, samples = evaluate(dialogues, cfg, paths.base, paths.adapters(params.align.algorithm),
                                params.model.max_length, params.seed, reward_path=paths.reward)
+    result["versions"] = library_versions()  # as in the training stages' metrics (persona.hardware.run_metrics)
     write_outputs(result, samples, paths.eval_samples, paths.eval_report, paths.eval_bars, paths.eval_chart)
     return result
 
@@ -283,17 +286,14 @@ def run(params: Params, paths: Paths = DEFAULT) -> dict:
 def write_outputs(result: dict, samples: list[dict], samples_path: Path, report_path: Path,
                   bars_path: Path | None = None, png_path: Path | None = None) -> None:
     """Everything beside the metrics JSON: per-prompt samples, the markdown report, bar data and chart."""
-    samples_path.parent.mkdir(parents=True, exist_ok=True)
-    with samples_path.open("w") as handle:
-        for sample in samples:
-            handle.write(json.dumps(sample) + "\n")
+    write_text_atomic(samples_path, "".join(json.dumps(sample) + "\n" for sample in samples))
     policies = result["config"]["policies"]
-    report_path.write_text(report_markdown(result, policies))
+    write_text_atomic(report_path, report_markdown(result, policies))
     if bars_path is not None:
         rows = ["policy," + ",".join(HEADLINE)]
         for name in [*policies, "gold"]:
             rows.append(name + "," + ",".join(str(result[name].get(k, "")) for k in HEADLINE))
-        bars_path.write_text("\n".join(rows) + "\n")
+        write_text_atomic(bars_path, "\n".join(rows) + "\n")
     if png_path is not None:
         bar_chart(result, policies, png_path)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import importlib.metadata
 import json
 import logging
 import tempfile
@@ -28,7 +27,7 @@ import torch
 from persona import align, data, pairs, reward, sft
 from persona.chat_format import ensure_chat_template
 from persona.config import Params
-from persona.hardware import Machine, peak_memory_mb
+from persona.hardware import Machine, library_versions, peak_memory_mb
 from persona.models import BASE_INFO, bundled_gguf
 from persona.paths import Paths
 from persona.runner import start_logging
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 
 SHAPES = {"medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16},  # gpt2-medium
           "tiny": {"n_embd": 64, "n_layer": 2, "n_head": 4}}
-PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
 NO_EVAL = 10_000  # eval/save period past the last step: the check times training, not periodic evaluation
 
 
@@ -168,16 +166,6 @@ def run_all(size: str, steps: int, work: Path, tokenizer_dir: Path | None) -> tu
     return rows, skipped
 
 
-def versions() -> dict:
-    found = {}
-    for package in PACKAGES:
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
-    return found
-
-
 def figure(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -212,7 +200,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     steps = args.steps if args.steps is not None else 2 if args.size == "tiny" else 8
     rows, skipped = run_all(args.size, steps, work, args.tokenizer)
-    report = {"device": Machine.detect().describe(), "size": args.size, "versions": versions(),
+    report = {"device": Machine.detect().describe(), "size": args.size, "versions": library_versions(),
               "total_wall_s": round(time.perf_counter() - started, 1), "work_dir": str(work), "skipped": skipped,
               "rows": rows}
     print(f"\nGPU check, random GPT-2 {args.size}, {report['device']}, work dir {work}")

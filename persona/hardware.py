@@ -2,6 +2,7 @@
 against them, naming the param that asks for what this machine cannot do."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -91,9 +92,25 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+# The libraries whose releases can change a run's numbers (kernels, sampling, trainers, quantization, launch).
+LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed version of each of LIBRARIES (None when absent), so a metrics diff between two runs shows
+    when a library moved; requirements.lock pins all but torch, which Kaggle/Colab preinstall."""
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def run_metrics(compute: Compute) -> dict:
-    """What every training stage reports about how it ran: quant, precision, device, optimizer, peak memory."""
+    """What every training stage reports about how it ran: quant, precision, device, optimizer, peak memory,
+    and the library versions it ran with."""
     return {"quant": compute.quant, "precision": compute.precision, "device": compute.device,
-            "optimizer": compute.optimizer, "peak_memory_mb": round(peak_memory_mb(compute.device), 1)}
+            "optimizer": compute.optimizer, "peak_memory_mb": round(peak_memory_mb(compute.device), 1),
+            "versions": library_versions()}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ from persona.models import BASE_INFO, bundled_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SPC = REPO.parent / "shared" / "data" / "synthetic-persona-chat" / "valid.csv"
+
+# Under `pytest -n N` (make test) each worker gets its share of the cores, for the subprocesses it starts
+# too: N workers each running torch's thread pool on every core would fight over them.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +73,8 @@ def params_with(**sections) -> Params:
         current = getattr(params, name)
         changes[name] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
     return dataclasses.replace(params, **changes)
+
+
+def pytest_collection_modifyitems(items):
+    """The end-to-end `dvc repro` file first: by far the longest, it must not start last on a worker (`-n`)."""
+    items.sort(key=lambda item: item.path.name != "test_pipeline.py")
