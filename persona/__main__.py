@@ -15,6 +15,7 @@ from persona import runner
 from persona.config import POLICIES, ConfigError
 from persona.data import load_dialogues, read_dialogues, split_by_persona
 from persona.paths import DEFAULT, TRAINING_STAGES
+from persona.web import MAX_MESSAGE_CHARS, QUEUE_SIZE, serve
 
 
 def dialogues_for(data: str, split: str, params) -> list:
@@ -90,11 +91,12 @@ def chat_command(args) -> None:
 
 
 def web_command(args) -> None:
-    from persona.web import serve
-
+    if args.queue_size < 1 or args.max_message_chars < 1:
+        raise ConfigError("--queue-size and --max-message-chars must be at least 1")
     runner.start_logging()
     adapters = {"sft": args.sft, "aligned": args.policy}
-    serve(args.base, adapters, decoding_from(args), args.embedding_model, args.host, args.port)
+    serve(args.base, adapters, decoding_from(args), args.embedding_model, args.host, args.port,
+          queue_size=args.queue_size, max_message_chars=args.max_message_chars)
 
 
 def export_command(args) -> None:
@@ -152,6 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     web.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes the demo to your network")
     web.add_argument("--port", type=int, default=7860)
     web.add_argument("--embedding-model", default="all-minilm-l6-v2", help="judge for the persona score")
+    web.add_argument("--queue-size", type=int, default=QUEUE_SIZE,
+                     help="messages that may wait for the model; more are refused with Gradio's 'queue full' error "
+                     "(default: %(default)s)")
+    web.add_argument("--max-message-chars", type=int, default=MAX_MESSAGE_CHARS,
+                     help="longer messages get a message naming the limit, no reply (default: %(default)s)")
     add_decoding(web)
     web.set_defaults(run=web_command)
 

@@ -4,7 +4,8 @@ One base model carries every adapter (as in evaluation), so switching model is i
 reply gets the evaluator's persona score: the MiniLM similarity of the reply to its closest
 persona fact (`max_fact_similarity` in `persona.evaluate`; the default evaluation's gold replies
 average 0.42).
-Binds to 127.0.0.1 unless told otherwise.
+Binds to 127.0.0.1 unless told otherwise. Messages wait in Gradio's queue, which has a size limit, and
+an overlong message gets an error instead of a reply; `python -m persona.loadtest` measures the demo under load.
 """
 from __future__ import annotations
 
@@ -12,22 +13,33 @@ import logging
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from persona.chat import BOT, USER, load_chat_models, parse_persona
 from persona.chat_format import messages_for
 from persona.config import ConfigError
-from persona.generation import Decoding, generate
-from persona.models import policy
 from persona.seeds import derive_seed
+
+# The model stack (torch) is imported where it is used, so `python -m persona` reads the limits below cheaply.
+if TYPE_CHECKING:
+    from persona.generation import Decoding
 
 log = logging.getLogger(__name__)
 DEFAULT_PERSONA = "I love hiking in the mountains. | I have two dogs. | I work as a night nurse."
+# Messages waiting beyond this many are refused at once with Gradio's "queue full" error instead of piling up:
+# 20 holds the target load (20 chats with a message in flight each) while the wait at the back stays bounded.
+QUEUE_SIZE = 20
+# Workers per event: generation is serialised by Demo.lock anyway, so more would only hold threads on the lock.
+GENERATION_CONCURRENCY = 1
+# Longest message answered, in characters: every SPC utterance fits (the longest of its validation split has
+# 298), so a longer one is no chat turn the models were trained on, only a slower prompt for everyone queued.
+MAX_MESSAGE_CHARS = 500
 
 
 class Demo:
     """The models, the judge and the one lock that serialises generation (adapters are shared state)."""
 
     def __init__(self, base: Path, adapters: dict[str, Path], decoding: Decoding, embedding_model: str):
+        from persona.chat import load_chat_models
         from persona.judges import Embedder
         present = {name: path for name, path in adapters.items() if (path / "adapter_config.json").exists()}
         self.model, self.tokenizer = load_chat_models(base, present)
@@ -38,6 +50,9 @@ class Demo:
 
     def answer(self, name: str, facts: list[str], turns: list[tuple[int, str]]) -> tuple[str, float]:
         """The reply of policy `name` to the dialogue so far, and its persona score."""
+        from persona.chat import BOT
+        from persona.generation import generate
+        from persona.models import policy
         decoding = replace(self.decoding, seed=derive_seed(self.decoding.seed, "chat-turn", len(turns)))
         with self.lock, policy(self.model, name) as active:
             reply = generate(active, self.tokenizer, [messages_for(facts, turns, BOT)], decoding)[0].text
@@ -46,6 +61,7 @@ class Demo:
 
 def render(turns: list[tuple[int, str]], notes: list[str]) -> list[dict]:
     """Turns -> Chatbot messages; each bot reply carries its note (model and persona score)."""
+    from persona.chat import USER
     out, replies = [], iter(notes)
     for who, text in turns:
         if who == USER:
@@ -55,13 +71,20 @@ def render(turns: list[tuple[int, str]], notes: list[str]) -> list[dict]:
     return out
 
 
-def build_app(demo: Demo):
+def build_app(demo: Demo, queue_size: int = QUEUE_SIZE, max_message_chars: int = MAX_MESSAGE_CHARS):
+    """The page, its queue limited to `queue_size` waiting messages; messages over `max_message_chars` refused."""
     import gradio as gr
+
+    from persona.chat import BOT, USER, parse_persona
 
     def send(message, persona_text, left, right, side_by_side, state):
         message = (message or "").strip()
         if not message:
             return gr.update(), *views(state), state
+        # Checked here, not in a Gradio validator: that one runs between the queue's size check and the enqueue,
+        # so a burst of messages would all pass the check and overfill the queue.
+        if len(message) > max_message_chars:
+            raise gr.Error(f"The message has {len(message)} characters; the limit is {max_message_chars}. Shorten it.")
         try:
             facts = parse_persona(persona_text, flag="persona")
         except ConfigError as error:
@@ -107,15 +130,15 @@ def build_app(demo: Demo):
         state = gr.State(fresh())
         inputs = [message, persona_box, left_model, right_model, side_by_side, state]
         outputs = [message, left_chat, right_chat, state]
-        send_button.click(send, inputs, outputs)
-        message.submit(send, inputs, outputs)
+        gr.on([send_button.click, message.submit], send, inputs, outputs, api_name="send")
         reset_button.click(reset, None, [left_chat, right_chat, state])
-    return app
+    return app.queue(max_size=queue_size, default_concurrency_limit=GENERATION_CONCURRENCY)
 
 
 def serve(base: Path, adapters: dict[str, Path], decoding: Decoding, embedding_model: str, host: str = "127.0.0.1",
-          port: int = 7860, block: bool = True):
+          port: int = 7860, block: bool = True, queue_size: int = QUEUE_SIZE,
+          max_message_chars: int = MAX_MESSAGE_CHARS):
     """Start the demo; with block=False return the running app (tests)."""
-    app = build_app(Demo(base, adapters, decoding, embedding_model))
+    app = build_app(Demo(base, adapters, decoding, embedding_model), queue_size, max_message_chars)
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True)
     return app
