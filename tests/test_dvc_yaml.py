@@ -72,6 +72,12 @@ def test_the_stages_are_the_ones_paths_names():
     assert list(DVC) == list(STAGES)
 
 
+def test_the_committed_lock_records_only_pipeline_stages():
+    """DVC never drops a removed stage from dvc.lock by itself: a stale entry would outlive its stage's rename."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(DVC)
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_deps_are_exactly_the_code_a_stage_imports(stage):
     assert dep_problems(stage, listed_deps(stage)) == []
