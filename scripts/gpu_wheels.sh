@@ -29,6 +29,9 @@ python3 -m pip download -q --no-deps --only-binary=:all: -d "$dest" \
     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
     --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 "${binary[@]}"  # bitsandbytes: 2_24
+# bitsandbytes ships a library per CUDA, ROCm and XPU release; keep the CPU one and CUDA 12.8+ (41 -> 13 MiB
+# for 0.50.2). A torch built for an older CUDA needs --min-cuda lowered here.
+python3 "$repo/scripts/trim_wheel.py" "$dest"/bitsandbytes-*.whl
 python3 -m pip wheel -q --no-deps -w "$dest" "${pins[-1]}"
 PYTHONPATH=$repo python3 - "$dest/tokenizer" <<'EOF'
 import sys
