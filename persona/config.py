@@ -18,7 +18,7 @@ import yaml
 
 BUNDLED_MODELS = ("smollm2-135m-instruct",)
 DATA_SOURCES = ("sample", "hub")
-ALGORITHMS = ("ppo",)  # what the `align` stage can run
+ALGORITHMS = ("ppo", "dpo", "grpo")  # what the `align` stage can run
 POLICIES = ("base", "sft", *ALGORITHMS)  # base model, + SFT adapter, + the aligned adapter under its algorithm
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -224,6 +224,7 @@ class PPOConfig:
     gradient_checkpointing: bool = False
     eval_n: int = 32
     batch_size: int = 8
+    sampler: Literal["merged", "policy"] = "merged"
 
     def validate(self) -> None:
         for key in ("max_steps", "rollout_batch_size", "max_new_tokens", "minibatch_size", "ppo_epochs",
@@ -248,6 +249,54 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
+class TRLAlignConfig(TrainConfig):
+    """What the TRL align algorithms (dpo, grpo) share: the KL strength, and how the held-out reward samples."""
+    beta: float = 0.1
+    eval_n: int = 32
+    max_history_turns: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 0.8
+
+    def validate(self, section: str) -> None:
+        super().validate(section)
+        for key in ("beta", "temperature", "eval_n", "max_history_turns", "max_new_tokens"):
+            _check(getattr(self, key) > 0, f"{section}.{key}", "must be > 0")
+
+
+@dataclass(frozen=True)
+class DPOConfig(TRLAlignConfig):
+    """TRL's DPOTrainer on the preference pairs (persona/dpo.py), used when align.algorithm: dpo."""
+    max_steps: int = 40
+    lr: float = 5e-4
+    eval_steps: int = 20
+    save_steps: int = 20
+    max_eval_sequences: int = 32
+
+
+@dataclass(frozen=True)
+class GRPOConfig(TRLAlignConfig):
+    """TRL's GRPOTrainer with the reward model as its reward (persona/grpo.py), used when align.algorithm: grpo."""
+    max_steps: int = 12
+    batch_size: int = 8
+    lr: float = 2e-4
+    eval_steps: int = 6
+    save_steps: int = 4
+    max_eval_sequences: int = 8
+    beta: float = 0.04
+    num_generations: int = 4
+    missing_eos_penalty: float = -1.0
+
+    def validate(self, section: str) -> None:
+        super().validate(section)
+        _check(self.num_generations >= 2, f"{section}.num_generations",
+               "must be >= 2 (GRPO compares a prompt's replies)")
+        _check(self.batch_size % self.num_generations == 0, f"{section}.batch_size",
+               f"must be a multiple of {section}.num_generations (whole groups of one prompt's replies)")
+        _check(self.max_eval_sequences > 0, f"{section}.max_eval_sequences", "must be > 0")
+        _check(self.missing_eos_penalty <= 0, f"{section}.missing_eos_penalty", "must be <= 0")
+
+
+@dataclass(frozen=True)
 class AlignConfig:
     """The `align` stage: which algorithm turns the SFT adapter into the aligned policy."""
     algorithm: Literal[ALGORITHMS] = "ppo"
@@ -268,7 +317,7 @@ class EvaluateConfig:
     multiturn_turns: int = 5
     perplexity_sequences: int = 16
     max_history_turns: int = 6
-    max_new_tokens: int = 32
+    max_new_tokens: int = 48
     temperature: float = 0.7
     top_p: float = 0.9
     top_k: int = 50
@@ -319,6 +368,8 @@ class Params:
     reward: RewardConfig = field(default_factory=RewardConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def validate(self, base_dir: Path) -> None:
@@ -332,6 +383,8 @@ class Params:
         self.pairs.validate()
         self.reward.validate("reward")
         self.ppo.validate()
+        self.dpo.validate("dpo")
+        self.grpo.validate("grpo")
         self.evaluate.validate()
         for name in self.evaluate.policies:
             _check(name in ("base", "sft", self.align.algorithm), "evaluate.policies",

@@ -128,15 +128,21 @@ def start_run(compute: Compute, processes: int, checkpoint_dir: Path, expected: 
     check_world_size(processes, state.num_processes)
     with state.main_process_first():
         resume = prepare_checkpoints(checkpoint_dir, expected, writer=state.is_main_process)
-    return state, resume, open_live(live_dir, resume is not None, state.is_main_process)
+    return state, resume, open_live(live_dir, state.is_main_process)
 
 
-def open_live(live_dir: Path | None, resume: bool, main_process: bool):
-    """The stage's dvclive logger on rank 0; None elsewhere or without `live_dir` (no dvc needed then)."""
+def open_live(live_dir: Path | None, main_process: bool):
+    """The stage's dvclive logger on rank 0; None elsewhere or without `live_dir` (no dvc needed then).
+
+    Always a fresh one, its old curves deleted, resumed run or not: a resumed run replays the points its
+    checkpoint recorded, so its curves read as the uninterrupted run's. dvclive's own resume would append
+    those points to whatever a killed run left there (DVC deletes the folder before a rerun; a run outside
+    DVC finds it), steps past the checkpoint included.
+    """
     if live_dir is None or not main_process:
         return None
     from dvclive import Live
-    return Live(str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
+    return Live(str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None)
 
 
 def build_optimizer(name: str, parameters, lr: float):
@@ -148,25 +154,43 @@ def build_optimizer(name: str, parameters, lr: float):
             "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name](parameters, lr=lr)
 
 
+# Logged, but no curve: TRL's trainers count `num_tokens` on the trainer object, which checkpoints do not save,
+# so a resumed run counts from 0 again and its curve would not be the uninterrupted run's. The Trainer's own
+# `num_input_tokens_seen` (SFT), kept in its checkpointed state, counts the same tokens.
+NOT_CURVES = ("num_tokens",)
+
+
 class LiveCurves(TrainerCallback):
     """Trainer logs -> dvclive curves keyed by optimizer step (`train/loss`, `eval/loss`, ...).
 
     transformers' own DVCLiveCallback advances one dvclive step per log call, so train and
-    eval logs interleave and the x axis stops meaning training steps.
+    eval logs interleave and the x axis stops meaning training steps. Speeds and run totals
+    (`*_runtime`, `*_per_second`, `train_*`) differ run to run: they are left out.
     """
 
     def __init__(self, live):
         self.live = live
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.live is None or not state.is_world_process_zero:
+    def on_train_begin(self, args, state, control, **kwargs):
+        """A resumed run: the Trainer has restored the checkpoint's log history, whose entries are the logs
+        `on_log` got, each with its `step`. Replayed, they redraw the curves up to the checkpoint exactly."""
+        if self.live is None or not state.is_world_process_zero or state.global_step == 0:
             return
-        self.live.step = state.global_step
-        for key, value in (logs or {}).items():
+        for entry in state.log_history:
+            self.log(entry["step"], {key: value for key, value in entry.items() if key != "step"})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.live is not None and state.is_world_process_zero:
+            self.log(state.global_step, logs or {})
+
+    def log(self, step: int, logs: dict) -> None:
+        self.live.step = step
+        for key, value in logs.items():
             if isinstance(value, (int, float)) and not key.startswith("train_") \
                     and not key.endswith(("runtime", "per_second")):
                 split, name = key.split("_", 1) if key.startswith("eval_") else ("train", key)
-                self.live.log_metric(f"{split}/{name}", value)
+                if name not in NOT_CURVES:
+                    self.live.log_metric(f"{split}/{name}", value)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.live is not None and state.is_world_process_zero:

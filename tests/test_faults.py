@@ -103,6 +103,18 @@ def test_a_cut_off_ppo_checkpoint_starts_afresh(tmp_path, caplog):
     assert "cannot be read" in caplog.text and not (tmp_path / STATE).exists()
 
 
+def test_ranks_discarding_the_same_unreadable_ppo_checkpoint_do_not_race(tmp_path, monkeypatch):
+    """Every DDP rank reads ppo_state.pt; when it is damaged each deletes it, and those after the first find it
+    gone: as if another rank deleted it between this one's failed read and its delete."""
+    (tmp_path / STATE).write_bytes(b"not a checkpoint")
+
+    def another_rank_deletes_it_first(path, **kwargs):
+        path.unlink()
+        raise RuntimeError("damaged")
+    monkeypatch.setattr(torch, "load", another_rank_deletes_it_first)
+    assert load_state(tmp_path, {"run": 1}) is None
+
+
 class TrainableDtypes(TrainerCallback):
     """Every trainable parameter's dtype when training begins, seen independently of the stage's own probe."""
 

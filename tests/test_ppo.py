@@ -269,6 +269,13 @@ def test_stage_metrics_and_resume_after_interruption(tiny_model_dir, sft_adapter
     b = load_file(tmp_path / "b" / "ppo" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert resumed["ppo_reward"] == pytest.approx(straight["ppo_reward"], abs=1e-4)
+    # steps 1-2 replayed from the checkpoint, the interrupted run's point of step 3 replaced, not repeated
+    assert curve_files(tmp_path / "b" / "live" / "align") == curve_files(tmp_path / "a" / "live" / "align")
+
+
+def curve_files(live_dir: Path) -> dict[str, bytes]:
+    """Every dvclive TSV under `live_dir`, by path: what the `plots` stage depends on."""
+    return {path.relative_to(live_dir).as_posix(): path.read_bytes() for path in sorted(live_dir.rglob("*.tsv"))}
 
 
 def test_a_multi_turn_step_trains_on_every_policy_turn(tiny_model_dir, sft_adapter, prepared):

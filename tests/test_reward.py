@@ -139,7 +139,8 @@ def test_merged_reward_model_scores_like_the_adapter(tiny_model_dir, tokenizer):
 
 def test_interrupted_run_resumes_to_the_same_adapter(trained, pairs_dir, tiny_model_dir, tmp_path):
     """Killed after step 14 (checkpoint-12 saved), the rerun resumes there and writes the uninterrupted run's
-    adapter, byte for byte, and the same held-out metrics."""
+    adapter, byte for byte, the same held-out metrics and the same curves (steps 4-12 replayed from the
+    checkpoint, the killed run's own points replaced)."""
 
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -159,6 +160,12 @@ def test_interrupted_run_resumes_to_the_same_adapter(trained, pairs_dir, tiny_mo
     assert (tmp_path / "adapter" / name).read_bytes() == (straight_out / "adapter" / name).read_bytes()
     for key in ("accuracy", "margin", "persona_only_accuracy", "score_mean", "score_std"):
         assert resumed[key] == straight[key]
+    assert curve_files(tmp_path / "live" / "reward") == curve_files(straight_out / "live" / "reward")
+
+
+def curve_files(live_dir: Path) -> dict[str, bytes]:
+    """Every dvclive TSV under `live_dir`, by path: what the `plots` stage depends on."""
+    return {path.relative_to(live_dir).as_posix(): path.read_bytes() for path in sorted(live_dir.rglob("*.tsv"))}
 
 
 def test_a_reply_too_long_for_the_model_names_its_row(pairs_dir, tiny_model_dir, tmp_path):

@@ -33,6 +33,11 @@ def adapter_weights(folder: Path) -> dict:
     return load_file(folder / "adapter_model.safetensors")
 
 
+def curve_files(live_dir: Path) -> dict[str, bytes]:
+    """Every dvclive TSV under `live_dir`, by path: what the `plots` stage depends on."""
+    return {path.relative_to(live_dir).as_posix(): path.read_bytes() for path in sorted(live_dir.rglob("*.tsv"))}
+
+
 def test_sft_trains_and_reports(prepared, tiny_model_dir, tmp_path):
     """Loss on persona-speaker tokens falls and every reported figure is present and sane."""
     metrics = run(params_with(sft=TINY_SFT), prepared, tiny_model_dir, tmp_path)
@@ -48,7 +53,8 @@ def test_sft_trains_and_reports(prepared, tiny_model_dir, tmp_path):
 
 def test_interrupted_run_resumes_to_the_same_adapter(prepared, tiny_model_dir, tmp_path, caplog):
     """Killed in step 3, with checkpoint-2 then cut off mid-file: the rerun discards checkpoint-2 with a
-    warning, resumes from checkpoint-1 and ends where an uninterrupted run ends."""
+    warning, resumes from checkpoint-1 and ends where an uninterrupted run ends, its curves too, byte for
+    byte: step 1's replayed from the checkpoint, the killed run's points of step 2 replaced."""
 
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -72,6 +78,10 @@ def test_interrupted_run_resumes_to_the_same_adapter(prepared, tiny_model_dir, t
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    straight_curves = curve_files(tmp_path / "straight" / "live" / "sft")
+    assert {f"plots/metrics/{name}.tsv" for name in ("train/loss", "eval/loss", "train/num_input_tokens_seen")} \
+        <= straight_curves.keys()
+    assert curve_files(tmp_path / "killed" / "live" / "sft") == straight_curves
 
 
 def test_checkpoints_of_other_params_are_not_resumed(prepared, tiny_model_dir, tmp_path):

@@ -30,6 +30,7 @@ from persona.ppo.rollout import (
     sampler_logprobs,
     token_logprobs,
 )
+from persona.ppo.sampler import MergedSampler
 
 # The largest sampler-vs-scorer log-prob gap (nats, any one response token) a run accepts on its first
 # rollout, by compute precision. Sampler and scorer share the weights and the autocast; they differ only in
@@ -55,6 +56,7 @@ class Setup:
     reward_model: object  # score_chats(chats) -> one float per chat (persona.reward.RewardModel)
     reward_stats: dict | None  # the reward stage's held-out score_mean/score_std; None = raw scores
     cfg: PPOConfig
+    sampler: MergedSampler | None = None  # what rollouts generate from (ppo.sampler: merged); None = the policy
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -117,10 +119,11 @@ def score_replies(setup: Setup, samples: list[Sample]) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def sample(setup: Setup, batch: list[Episode], turns: int, seed: int, with_logprobs: bool = False) -> list[Sample]:
-    """The policy's replies to `batch`, drawn from exactly the distribution `score_tokens` scores."""
+    """The policy's replies to `batch`, drawn from the distribution `score_tokens` scores: by the policy itself
+    or by its merged copy, refreshed to the policy's current weights."""
+    generator = setup.sampler.refresh() if setup.sampler else setup.unwrapped.policy
     with setup.accelerator.autocast():
-        return rollout(setup.unwrapped.policy, setup.tokenizer, batch, turns, exact_decoding(setup.cfg, seed),
-                       with_logprobs)
+        return rollout(generator, setup.tokenizer, batch, turns, exact_decoding(setup.cfg, seed), with_logprobs)
 
 
 @torch.no_grad()
@@ -147,7 +150,7 @@ def sampler_gap(setup: Setup, samples: list[Sample], packed: Packed, logprobs: t
 def check_sampler_gap(gap: float, precision: str) -> None:
     """Stop a run whose sampler does not draw from the distribution PPO scores: its ratios and KL are off-policy."""
     if gap > SAMPLER_GAP_BOUNDS[precision]:
-        raise RuntimeError(f"PPO sampler and scorer disagree: a sampled token's log-prob differs by {gap:.3g} nats "
+        raise RuntimeError(f"sampler and scorer disagree: a sampled token's log-prob differs by {gap:.3g} nats "
                            f"(bound {SAMPLER_GAP_BOUNDS[precision]:g} in {precision}); something reshapes the "
                            "sampling distribution (a top-k, top-p or min_p cut, or a repetition penalty, from the "
                            "model's generation_config?)")

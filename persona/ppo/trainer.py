@@ -21,18 +21,19 @@ import torch
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from persona import metrics as M
 from persona.config import ConfigError, Params, PPOConfig
 from persona.data import read_dialogues
 from persona.distributed import agreement, check_world_size, not_checked
 from persona.hardware import resolve_compute, run_metrics
+from persona.held_out import held_out_prompts, reward_metrics
 from persona.models import save_model
 from persona.paths import Paths
 from persona.ppo.checkpoint import STATE, resume, run_fingerprint, save_state
 from persona.ppo.experience import Setup, check_sampler_gap, make_experience, sample, score_replies, score_tokens
 from persona.ppo.kl import kl_controller, kl_per_token
 from persona.ppo.policy import TRAINABLE, PolicyWithValue, load_policy
-from persona.ppo.rollout import Episode, episode_indices, episodes, pack, sample_order
+from persona.ppo.rollout import Episode, episode_indices, episodes, pack
+from persona.ppo.sampler import MergedSampler
 from persona.ppo.update import update
 from persona.reward import REWARD_INFO, RewardModel
 from persona.seeds import derive_seed
@@ -55,8 +56,9 @@ def train_ppo(params: Params, paths: Paths, stop_after: int | None = None) -> di
     sft_rewards, _ = held_out_reward(setup, eval_prompts, params.seed)
     controller = kl_controller(cfg, accelerator.num_processes)
     checkpoint_dir, expected = paths.checkpoint_dir("align"), run_fingerprint(params, paths, accelerator.num_processes)
-    first_step = resume(checkpoint_dir, expected, unwrapped, optimizer, controller)
-    live = open_live(paths.curves_dir("align"), first_step > 0, accelerator.is_main_process)
+    first_step, curves = resume(checkpoint_dir, expected, unwrapped, optimizer, controller)
+    live = open_live(paths.curves_dir("align"), accelerator.is_main_process)
+    draw_points(live, curves)  # a resumed run's curves up to its checkpoint, as the killed run logged them
     stopped, skipped, last, steps_done, ranks, gap = None, 0, {}, first_step, None, None
     for step in tqdm(range(first_step, cfg.max_steps), desc="ppo", disable=not accelerator.is_main_process):
         batch = [train_episodes[i] for i in episode_indices(len(train_episodes), step, cfg.rollout_batch_size,
@@ -67,10 +69,10 @@ def train_ppo(params: Params, paths: Paths, stop_after: int | None = None) -> di
         if step == first_step:
             gap, ranks = first_step_checks(setup, last, batch, compute.precision)
         steps_done, skipped = step + 1, skipped + int(last["skipped"])
-        log_curves(live, step + 1, last)
+        curves.append(log_curves(live, step + 1, last))
         stopped = stop_reason(last, cfg, step + 1)
         if accelerator.is_main_process and ((step + 1) % cfg.save_steps == 0 or stopped):
-            save_state(checkpoint_dir, step + 1, unwrapped, optimizer, controller, expected)
+            save_state(checkpoint_dir, step + 1, unwrapped, optimizer, controller, expected, curves)
         accelerator.wait_for_everyone()
         if stopped:
             log.error("PPO stopped: %s", stopped)
@@ -84,7 +86,7 @@ def train_ppo(params: Params, paths: Paths, stop_after: int | None = None) -> di
     summary = {"steps": steps_done, "trainable_dtype": dtype_at_start, "resumed_from_step": first_step,
                "stopped": stopped, "skipped_updates": skipped,
                **(ranks or not_checked(accelerator.num_processes)), "sampler_logprob_gap_max": gap,
-               **reward_metrics(sft_rewards, ppo_rewards, params.seed), **held_out_kl,
+               **reward_metrics(sft_rewards, ppo_rewards, params.seed, "ppo"), **held_out_kl,
                "kl_estimator": cfg.kl_estimator, "final_kl_coef": round(controller.value, 5),
                "final_train_reward": round(last.get("reward", float("nan")), 4),
                "rollout_tokens_per_s": round(last.get("rollout_tokens_per_s", float("nan")), 1),
@@ -101,8 +103,7 @@ def load_episodes(paths: Paths, cfg: PPOConfig, seed: int) -> tuple[list[Episode
     if len(train_episodes) < cfg.rollout_batch_size:
         raise ConfigError(f"ppo.rollout_batch_size: {cfg.rollout_batch_size} is more than the "
                           f"{len(train_episodes)} training episodes in {paths.prepared / 'train.jsonl'}")
-    eval_prompts = episodes(read_dialogues(paths.prepared / "valid.jsonl"), 1, cfg.max_history_turns)
-    return train_episodes, [eval_prompts[i] for i in sample_order(len(eval_prompts), -1, seed)[:cfg.eval_n]]
+    return train_episodes, held_out_prompts(paths.prepared, cfg.eval_n, cfg.max_history_turns, seed)
 
 
 def build(params: Params, paths: Paths, compute) -> tuple[Setup, object]:
@@ -119,7 +120,8 @@ def build(params: Params, paths: Paths, compute) -> tuple[Setup, object]:
     module = PolicyWithValue(policy, policy.config.hidden_size).to(accelerator.device)
     optimizer = build_optimizer(compute.optimizer, [p for p in module.parameters() if p.requires_grad], cfg.lr)
     module, optimizer = accelerator.prepare(module, optimizer)
-    return Setup(accelerator, module, tokenizer, reward_model, reward_stats, cfg), optimizer
+    sampler = MergedSampler(policy, compute.dtype) if cfg.sampler == "merged" else None
+    return Setup(accelerator, module, tokenizer, reward_model, reward_stats, cfg, sampler), optimizer
 
 
 def seed_step(seed: int, step: int, process: int) -> int:
@@ -161,12 +163,27 @@ def stop_reason(stats: dict, cfg: PPOConfig, step: int) -> str | None:
     return None
 
 
-def log_curves(live, step: int, stats: dict) -> None:
+# Step statistics that are no curve: a speed, which differs on every run, and the sampler check, measured on the
+# first step of each session (of a resumed run too). Both are in the stage's metrics.
+NOT_CURVES = ("rollout_tokens_per_s", "sampler_logprob_gap_max")
+
+
+def log_curves(live, step: int, stats: dict) -> dict:
+    """Log one step's statistics to the curves; the point logged (`step` and each metric's value), which
+    checkpoints keep for a resumed run to redraw."""
+    point = {"step": step, **{f"ppo/{key}": value for key, value in stats.items()
+                              if key not in NOT_CURVES and math.isfinite(value)}}
+    draw_points(live, [point])
+    return point
+
+
+def draw_points(live, points: list[dict]) -> None:
     if live:
-        live.step = step
-        for key, value in stats.items():
-            if math.isfinite(value):
-                live.log_metric(f"ppo/{key}", value)
+        for point in points:
+            live.step = point["step"]
+            for name, value in point.items():
+                if name != "step":
+                    live.log_metric(name, value)
 
 
 def save_policy(setup: Setup, paths: Paths, live) -> None:
@@ -196,13 +213,3 @@ def held_out_reward(setup: Setup, prompts: list[Episode], seed: int) -> tuple[li
                                      raw.tolist())))
     return [r for _, r in sorted(rewards)], kls
 
-
-def reward_metrics(sft_rewards: list[float], ppo_rewards: list[float], seed: int) -> dict:
-    """Held-out reward before and after PPO, and the gain with its bootstrap 95% interval."""
-    gain = [p - s for p, s in zip(ppo_rewards, sft_rewards)]
-    summary = M.summarize(gain, seed, 1000) if gain else {}
-    return {"eval_prompts": len(sft_rewards),
-            "sft_reward": round(float(np.mean(sft_rewards)), 4) if sft_rewards else None,
-            "ppo_reward": round(float(np.mean(ppo_rewards)), 4),
-            "reward_gain": summary.get("mean"), "reward_gain_ci_low": summary.get("ci_low"),
-            "reward_gain_ci_high": summary.get("ci_high")}
