@@ -4,11 +4,13 @@ Three families of persona metrics, because each alone misleads:
 - *sampling-free* (the policy's own likelihoods of gold replies): persona likelihood gain and
   persona Hits@1/K; no decoding noise, but says nothing about what the bot actually says;
 - *independent judge* on sampled replies: embedding persona identification (top-1, MRR), which
-  rewards reciting the persona, hence reported beside the gold replies' own score, on
-  persona-relevant turns separately, and with the parroting rate; and NLI C-score when an NLI
-  model is configured;
+  rewards reciting the persona, hence read beside the fact-copy rate, the gold replies' own score
+  and on persona-relevant turns separately; `grounded_not_copied` (persona identified, no fact
+  copied) is the headline; and NLI C-score when an NLI model is configured;
 - the original recipe's keyword score, labelled as such, for comparison only.
-Every headline number carries a bootstrap 95% CI and the n it rests on.
+Every headline number carries a 95% CI that resamples dialogues (prompts of one dialogue are not
+independent) and the n it rests on; every policy is compared with sft and base on the same
+prompts (`paired`), with the same clustered CIs.
 """
 from __future__ import annotations
 
@@ -25,22 +27,29 @@ import torch
 from tqdm import tqdm
 
 from persona import metrics as M
-from persona.chat_format import Prompt, build_dataset, messages_for, select_prompts
+from persona.chat_format import Prompt, dialogue_examples, messages_for, select_prompts
 from persona.config import ConfigError, EvaluateConfig, Params
 from persona.data import Dialogue, persona_key, read_dialogues
 from persona.files import write_text_atomic
 from persona.generation import Decoding, generate_replies
 from persona.hardware import library_versions
 from persona.judges import Embedder, load_nli
-from persona.likelihood import candidate_logprobs, completion_nll, reply_logprobs
 from persona.models import load_policies, policy
 from persona.paths import DEFAULT, Paths
 from persona.reward import RewardModel
+from persona.scoring import candidate_logprobs, candidate_set, chat_rows, mean_logprobs, row_scores
 from persona.seeds import derive_seed
 
 log = logging.getLogger(__name__)
-HEADLINE = ("persona_gain", "persona_hits1", "grounding_top1", "grounding_top1_relevant", "parroting_rate",
-            "f1", "keyword_score_original", "reward_score")
+HEADLINE = ("persona_gain", "persona_hits1", "grounded_not_copied", "fact_copy_rate", "grounding_top1",
+            "grounding_top1_relevant", "repeated_sentence_rate", "f1", "keyword_score_original", "reward_score")
+# compared on the same prompts: every policy against each of these (`paired.<policy>_vs_<other>.<metric>`)
+PAIRED_AGAINST = ("sft", "base")
+PAIRED = ("persona_gain", "persona_hits1", "grounded_not_copied", "fact_copy_rate", "grounding_top1",
+          "grounding_top1_relevant", "repeated_sentence_rate", "reward_score", "gold_perplexity", "f1", "reply_hits1")
+# which prompts a per-item metric rests on (the rest: the `n` generation prompts); `clusters` keys
+FAMILY = {"persona_gain": "likelihood", "persona_hits1": "likelihood", "reply_hits1": "hits",
+          "grounding_top1_relevant": "relevant", "gold_perplexity": "perplexity"}
 
 
 def distractor_personas(facts: list[str], pool: dict[str, list[str]], k: int, rng: random.Random) -> list[list[str]]:
@@ -52,11 +61,12 @@ def distractor_personas(facts: list[str], pool: dict[str, list[str]], k: int, rn
     return [facts] + rng.sample(others, k - 1)
 
 
-def headline(key: str, values: list[float], seed: int, resamples: int) -> dict:
-    """`key`, `key_ci_low`, `key_ci_high`, `key_n`; null (not NaN, which is no JSON) when n = 0."""
+def headline(key: str, values: list[float], seed: int, resamples: int, clusters: list[str]) -> dict:
+    """`key`, `key_ci_low`, `key_ci_high` (dialogue-clustered bootstrap), `key_n`; null (not NaN, which is
+    no JSON) when n = 0."""
     if not values:
         return {key: None, f"{key}_n": 0}
-    summary = M.summarize(values, seed, resamples)
+    summary = M.summarize(values, seed, resamples, clusters)
     return {key: summary["mean"], f"{key}_ci_low": summary["ci_low"], f"{key}_ci_high": summary["ci_high"],
             f"{key}_n": summary["n"]}
 
@@ -73,20 +83,34 @@ def grounding(embedder: Embedder, replies: list[str], candidates: list[list[list
     return {"top1": top1, "rr": reciprocal, "fact_sim": similarity}
 
 
-def nli_scores(nli, replies: list[str], facts: list[list[str]]) -> tuple[list[float], list[float]]:
-    """C-score (Madotto et al. 2019: sum over facts of +1 entail / -1 contradict) and contradiction flags."""
+def nli_scores(nli, replies: list[str], facts: list[list[str]]) -> tuple[float, list[float]]:
+    """C-score and per-reply contradiction flags.
+
+    C-score (after Madotto et al. 2019): each (fact, reply) pair scores +1 when the fact entails the
+    reply, 0 when neutral, -1 when it contradicts it, averaged over all pairs, so it lies in [-1, 1]
+    whatever the persona sizes. A reply is contradicting when it contradicts at least one fact.
+    """
     pairs = [(fact, reply) for reply, persona in zip(replies, facts) for fact in persona]
-    labels = iter(nli.labels([p for p, _ in pairs], [h for _, h in pairs]))
-    c_scores, contradicts = [], []
+    labels = nli.labels([p for p, _ in pairs], [h for _, h in pairs])
+    flags, remaining = [], iter(labels)
     for persona in facts:
-        row = [next(labels) for _ in persona]
-        c_scores.append(float(sum(row)))
-        contradicts.append(float(-1 in row))
-    return c_scores, contradicts
+        flags.append(float(-1 in [next(remaining) for _ in persona]))
+    return float(np.mean(labels)), flags
 
 
-def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig, context: dict) -> tuple[dict, list]:
-    """Every metric of one policy; returns (flat metrics, per-prompt records)."""
+def copy_and_loop_flags(replies: list[str], facts: list[list[str]], grounded_top1: list[float]) -> dict[str, list]:
+    """Per reply: facts copied (metrics.facts_copied), any copied, persona identified with none copied,
+    and a sentence repeated."""
+    copied = [M.facts_copied(reply, persona) for reply, persona in zip(replies, facts)]
+    return {"facts_copied_mean": [float(c) for c in copied],
+            "fact_copy_rate": [float(c > 0) for c in copied],
+            "grounded_not_copied": [float(top1 == 1 and c == 0) for top1, c in zip(grounded_top1, copied)],
+            "repeated_sentence_rate": [float(M.repeats_a_sentence(reply)) for reply in replies]}
+
+
+def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig, context: dict
+                    ) -> tuple[dict, list, dict[str, list[float]]]:
+    """Every metric of one policy; returns (metrics, per-prompt records, per-item values for paired tests)."""
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         top_k=cfg.top_k, batch_size=cfg.batch_size, seed=context["seed"])
     started = time.perf_counter()
@@ -100,6 +124,7 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig
     per = {
         "grounding_top1": ground["top1"], "grounding_mrr": ground["rr"], "max_fact_similarity": ground["fact_sim"],
         "grounding_top1_relevant": [v for v, r in zip(ground["top1"], relevant) if r],
+        **copy_and_loop_flags(replies, [p.facts for p in prompts], ground["top1"]),
         "parroting_rate": [float(M.parrots(r, p.facts, cfg.parrot_threshold)) for r, p in zip(replies, prompts)],
         "keyword_score_original": [M.keyword_score(r, p.facts) for r, p in zip(replies, prompts)],
         "f1": [M.unigram_f1(r, g) for r, g in zip(replies, golds)],
@@ -110,34 +135,41 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig
     }
     if context["reward"] is not None:
         per["reward_score"] = context["reward"].score_chats([p.chat(reply=r) for p, r in zip(prompts, replies)])
-    # Sampling-free persona use: the policy's likelihood of the gold reply under each persona.
+    pad, batch = tokenizer.pad_token_id, cfg.batch_size
+    # ConvAI2 Hits@1/20: the gold reply against replies from other conversations (gold first).
     mark = time.perf_counter()
-    gain_prompts = prompts[:cfg.likelihood_n]
-    chats = [p.chat(facts, p.gold) for p, cands in zip(gain_prompts, context["persona_candidates"]) for facts in cands]
-    logps = np.array(reply_logprobs(model, tokenizer, chats, cfg.batch_size)).reshape(len(gain_prompts), -1)
+    hit_scores = [candidate_logprobs(model, candidates, pad, batch) for candidates in context["reply_candidates"]]
+    per["reply_hits1"] = [float(M.rank_of_true(row, 0) == 1) for row in hit_scores]
+    timings["time_reply_hits_s"], mark = time.perf_counter() - mark, time.perf_counter()
+    # Sampling-free persona use: the policy's likelihood of the gold reply under each persona. The
+    # gold under the true persona is reply Hits@1's first candidate: scored there, reused here.
+    swapped = iter(mean_logprobs(model, context["persona_rows"], pad, batch))
+    k = cfg.persona_candidates
+    logps = [[hit_scores[i][0] if i < len(hit_scores) else next(swapped)] + [next(swapped) for _ in range(k - 1)]
+             for i in range(len(context["persona_candidates"]))]
     per["persona_gain"] = [M.persona_likelihood_gain(row[0], row[1:]) for row in logps]
     per["persona_hits1"] = [float(M.rank_of_true(row, 0) == 1) for row in logps]
     timings["time_persona_likelihood_s"], mark = time.perf_counter() - mark, time.perf_counter()
-    # ConvAI2 Hits@1/20: the gold reply against replies from other conversations.
-    hit_scores = [candidate_logprobs(model, tokenizer, p.chat(), cands, cfg.batch_size)
-                  for p, cands in zip(prompts, context["reply_candidates"])]
-    per["reply_hits1"] = [float(M.rank_of_true(row, 0) == 1) for row in hit_scores]
-    timings["time_reply_hits_s"], mark = time.perf_counter() - mark, time.perf_counter()
-    nll, tokens = completion_nll(model, context["perplexity_set"], tokenizer.pad_token_id, cfg.batch_size)
+    nll = row_scores(model, context["perplexity_rows"], pad, batch)
+    tokens = sum(count for _, count in nll)
+    per["gold_perplexity"] = [total / max(count, 1) for total, count in nll]  # per-conversation NLL, for paired
     timings["time_perplexity_s"], mark = time.perf_counter() - mark, time.perf_counter()
-    out = {"gold_perplexity": round(math.exp(nll), 3), "gold_perplexity_tokens": tokens,
+    out = {"gold_perplexity": round(math.exp(sum(total for total, _ in nll) / max(tokens, 1)), 3),
+           "gold_perplexity_tokens": tokens,
            "bleu": round(M.bleu(replies, golds), 3), "distinct_1": round(M.distinct_n(replies, 1), 4),
            "distinct_2": round(M.distinct_n(replies, 2), 4),
            "generation_tokens_per_s": round(new_tokens / gen_seconds, 1)}
     for key, values in per.items():
+        if key == "gold_perplexity":
+            continue
         if key in HEADLINE:
-            out.update(headline(key, values, context["seed"], cfg.bootstrap))
+            out.update(headline(key, values, context["seed"], cfg.bootstrap, context["clusters"][family(key)]))
         else:
             out[key] = round(float(np.mean(values)), 4) if values else None
     nli = context["nli"]
     if nli is not None:
-        c_scores, contradictions = nli_scores(nli, replies, [p.facts for p in prompts])
-        out["nli_c_score"] = round(float(np.mean(c_scores)), 4)
+        out["nli_c_score"], contradictions = nli_scores(nli, replies, [p.facts for p in prompts])
+        out["nli_c_score"] = round(out["nli_c_score"], 4)
         out["nli_contradiction_rate"] = round(float(np.mean(contradictions)), 4)
     else:
         out["nli_c_score"] = out["nli_contradiction_rate"] = None
@@ -148,11 +180,38 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig
     out.update(multiturn(model, tokenizer, cfg, context))
     timings["time_multiturn_s"] = time.perf_counter() - mark
     out.update({key: round(value, 1) for key, value in timings.items()})
-    records = [{"reply": r, "grounding_top1": g, "f1": round(f, 4), "parrots": bool(pr)}
-               for r, g, f, pr in zip(replies, ground["top1"], per["f1"], per["parroting_rate"])]
+    records = [{"reply": r, "grounding_top1": g, "f1": round(f, 4), "facts_copied": int(c), "parrots": bool(pr),
+                "repeats_sentence": bool(rep)}
+               for r, g, f, c, pr, rep in zip(replies, ground["top1"], per["f1"], per["facts_copied_mean"],
+                                              per["parroting_rate"], per["repeated_sentence_rate"])]
     for record, score in zip(records, per.get("reward_score", [])):
         record["reward_score"] = round(score, 4)
-    return out, records
+    return out, records, per
+
+
+def family(key: str) -> str:
+    """The prompt set a per-item metric rests on: its `context["clusters"]` key."""
+    return FAMILY.get(key, "prompts")
+
+
+def paired_block(per: dict[str, dict[str, list[float]]], context: dict, cfg: EvaluateConfig) -> dict:
+    """`<policy>_vs_<other>.<metric>`: diff, ci_low, ci_high, mdd, n for every evaluated policy against
+    sft and base, on the same prompts, the CI resampling dialogues (metrics.paired_difference).
+
+    `gold_perplexity` is paired per conversation sequence: the mean over sequences of the difference in
+    per-token NLL (nats; about the log of the perplexity ratio, negative = the policy predicts the gold
+    replies better), clustered by dialogue like the rest.
+    """
+    out = {}
+    for name in per:
+        for other in PAIRED_AGAINST:
+            if other == name or other not in per:
+                continue
+            out[f"{name}_vs_{other}"] = {
+                key: M.paired_difference(per[name][key], per[other][key], context["clusters"][family(key)],
+                                         context["seed"], cfg.bootstrap)
+                for key in PAIRED if key in per[name] and key in per[other]}
+    return out
 
 
 def multiturn(model, tokenizer, cfg: EvaluateConfig, context: dict) -> dict:
@@ -190,9 +249,23 @@ def multiturn(model, tokenizer, cfg: EvaluateConfig, context: dict) -> dict:
     return out
 
 
+def perplexity_rows(dialogues: list[Dialogue], tokenizer, max_length: int, limit: int) -> tuple[list[dict], list[str]]:
+    """Up to `limit` whole-conversation sequences (one per dialogue and speaker, as SFT trains) and the
+    dialogue each comes from."""
+    rows, owners = [], []
+    for dialogue in dialogues:
+        for example in dialogue_examples(dialogue, tokenizer, "conversation", max_length):
+            rows.append({"input_ids": example.input_ids, "completion_mask": example.completion_mask})
+            owners.append(dialogue.id)
+            if len(rows) == limit:
+                return rows, owners
+    return rows, owners
+
+
 def build_context(dialogues: list[Dialogue], tokenizer, cfg: EvaluateConfig, max_length: int, seed: int,
                   reward: RewardModel | None = None) -> dict:
-    """Everything shared by all policies: prompts, candidates, judges; drawn once so policies compare."""
+    """Everything shared by all policies: prompts, candidates, judges, and every sequence scored, tokenised
+    once; drawn once so policies compare on the same items."""
     rng = random.Random(seed)
     prompts = select_prompts(dialogues, cfg.n, cfg.max_history_turns, seed)
     pool = {persona_key(p): p for d in dialogues for p in d.personas}
@@ -205,38 +278,54 @@ def build_context(dialogues: list[Dialogue], tokenizer, cfg: EvaluateConfig, max
     reply_candidates = []
     for p in prompts[:cfg.hits_n]:
         others = [text for dialogue_id, text in replies_by_dialogue if dialogue_id != p.dialogue]
-        reply_candidates.append([p.gold] + rng.sample(others, cfg.reply_candidates - 1))
+        texts = [p.gold] + rng.sample(others, cfg.reply_candidates - 1)
+        reply_candidates.append(candidate_set(tokenizer, p.chat(), texts))
+    # the true persona's row of the first hits_n prompts is reply Hits@1's gold candidate: not scored twice
+    persona_rows = chat_rows(tokenizer, [p.chat(facts, p.gold) for i, (p, candidates)
+                                         in enumerate(zip(prompts, persona_candidates))
+                                         for facts in candidates[1 if i < cfg.hits_n else 0:]])
     gold_ground = grounding(embedder, [p.gold for p in prompts], grounding_candidates)
     starters = [d for d in dialogues if sum(1 for s, _ in d.turns if s == 0) > 1]
     multiturn_dialogues = rng.sample(starters, min(cfg.multiturn_n, len(starters)))
     multiturn_candidates = [distractor_personas(d.personas[1], pool, cfg.grounding_candidates, rng)
                             for d in multiturn_dialogues]
+    relevant = [s >= cfg.relevance_threshold for s in gold_ground["fact_sim"]]
+    ppl_rows, ppl_dialogues = perplexity_rows(dialogues, tokenizer, max_length, cfg.perplexity_sequences)
+    owners = [p.dialogue for p in prompts]
     return {
         "seed": seed, "prompts": prompts, "embedder": embedder, "nli": nli, "nli_reason": nli_reason,
         "grounding_candidates": grounding_candidates, "persona_candidates": persona_candidates,
-        "reply_candidates": reply_candidates, "gold_grounding": gold_ground,
-        "relevant": [s >= cfg.relevance_threshold for s in gold_ground["fact_sim"]],
-        "perplexity_set": build_dataset(dialogues, tokenizer, "conversation", max_length, cfg.perplexity_sequences),
+        "persona_rows": persona_rows, "reply_candidates": reply_candidates, "gold_grounding": gold_ground,
+        "relevant": relevant, "perplexity_rows": ppl_rows,
+        # the dialogue of each item, per prompt set: the clusters every CI resamples
+        "clusters": {"prompts": owners, "relevant": [o for o, r in zip(owners, relevant) if r],
+                     "likelihood": owners[:cfg.likelihood_n], "hits": owners[:cfg.hits_n],
+                     "perplexity": ppl_dialogues},
         "multiturn_dialogues": multiturn_dialogues, "multiturn_candidates": multiturn_candidates, "reward": reward,
     }
 
 
 def gold_block(context: dict, cfg: EvaluateConfig) -> dict:
     """The judge's scores of the gold replies themselves: the ceiling a human-like reply reaches."""
-    prompts, ground = context["prompts"], context["gold_grounding"]
+    prompts, ground, clusters = context["prompts"], context["gold_grounding"], context["clusters"]
+    golds = [p.gold for p in prompts]
+    per = {"grounding_top1": ground["top1"],
+           "grounding_top1_relevant": [v for v, r in zip(ground["top1"], context["relevant"]) if r],
+           **copy_and_loop_flags(golds, [p.facts for p in prompts], ground["top1"]),
+           "parroting_rate": [float(M.parrots(p.gold, p.facts, cfg.parrot_threshold)) for p in prompts],
+           "keyword_score_original": [M.keyword_score(p.gold, p.facts) for p in prompts]}
+    if context["reward"] is not None:
+        per["reward_score"] = context["reward"].score_chats([p.chat(reply=p.gold) for p in prompts])
     out = {"persona_relevant_share": round(float(np.mean(context["relevant"])), 4)}
-    for key, values in (("grounding_top1", ground["top1"]),
-                        ("grounding_top1_relevant", [v for v, r in zip(ground["top1"], context["relevant"]) if r]),
-                        ("parroting_rate", [float(M.parrots(p.gold, p.facts, cfg.parrot_threshold)) for p in prompts]),
-                        ("keyword_score_original", [M.keyword_score(p.gold, p.facts) for p in prompts])):
-        out.update(headline(key, values, context["seed"], cfg.bootstrap))
+    for key, values in per.items():
+        if key in HEADLINE:
+            out.update(headline(key, values, context["seed"], cfg.bootstrap, clusters[family(key)]))
+        else:
+            out[key] = round(float(np.mean(values)), 4)
     out["grounding_mrr"] = round(float(np.mean(ground["rr"])), 4)
     out["max_fact_similarity"] = round(float(np.mean(ground["fact_sim"])), 4)
-    out["question_rate"] = round(float(np.mean([M.is_question(p.gold) for p in prompts])), 4)
-    out["length_words"] = round(float(np.mean([len(p.gold.split()) for p in prompts])), 4)
-    if context["reward"] is not None:
-        out.update(headline("reward_score", context["reward"].score_chats([p.chat(reply=p.gold) for p in prompts]),
-                            context["seed"], cfg.bootstrap))
+    out["question_rate"] = round(float(np.mean([M.is_question(g) for g in golds])), 4)
+    out["length_words"] = round(float(np.mean([len(g.split()) for g in golds])), 4)
     return out
 
 
@@ -253,16 +342,25 @@ def evaluate(dialogues: list[Dialogue], cfg: EvaluateConfig, base_path: Path, ad
     reward = RewardModel.load(base_path, reward_path, max_length=max_length, batch_size=cfg.batch_size) \
         if reward_path is not None else None
     context = build_context(dialogues, tokenizer, cfg, max_length, seed, reward)
-    prompts = context["prompts"]
-    result = {"n_prompts": len(prompts), "n_dialogues": len(dialogues), "gold": gold_block(context, cfg)}
+    prompts, clusters = context["prompts"], context["clusters"]
+    result = {"n_prompts": len(prompts), "n_dialogues": len(dialogues),
+              # the clusters the CIs resample: dialogues the prompts of each family come from
+              "n_prompt_dialogues": len(set(clusters["prompts"])),
+              "n_likelihood_dialogues": len(set(clusters["likelihood"])),
+              "n_hits_dialogues": len(set(clusters["hits"])),
+              "time_setup_s": round(time.perf_counter() - started, 1), "gold": gold_block(context, cfg)}
     samples = [{"dialogue": p.dialogue, "persona": p.facts, "history": p.history, "gold": p.gold,
                 "persona_relevant": r} for p, r in zip(prompts, context["relevant"])]
+    per = {}
     for name in tqdm(cfg.policies, desc="policies"):
+        mark = time.perf_counter()
         with policy(model, name) as active:
-            result[name], records = evaluate_policy(active, tokenizer, prompts, cfg, context)
+            result[name], records, per[name] = evaluate_policy(active, tokenizer, prompts, cfg, context)
+        result[name]["time_policy_s"] = round(time.perf_counter() - mark, 1)
         for sample, record in zip(samples, records):
             sample[name] = record
         log.info("%s: %s", name, {k: result[name][k] for k in HEADLINE})
+    result["paired"] = paired_block(per, context, cfg)
     result["unavailable"] = {
         **({"reward_score": "no reward model given (evaluate ... --reward models/reward)"} if reward is None else {}),
         **({"nli": context["nli_reason"]} if context["nli"] is None else {})}
@@ -308,24 +406,67 @@ def _cell(block: dict, key: str) -> str:
 
 
 def report_markdown(result: dict, policies: list[str]) -> str:
-    rows = [*HEADLINE, "grounding_mrr", "max_fact_similarity", "multiturn_grounding_top1", "reply_hits1",
-            "gold_perplexity", "bleu", "rouge_l", "distinct_1", "distinct_2", "length_words", "repetition",
-            "question_rate", "nli_c_score", "nli_contradiction_rate", "multiturn_self_contradiction_rate",
-            "reward_length_correlation", "generation_tokens_per_s"]
+    rows = [*HEADLINE, "facts_copied_mean", "parroting_rate", "grounding_mrr", "max_fact_similarity",
+            "multiturn_grounding_top1", "reply_hits1", "gold_perplexity", "bleu", "rouge_l", "distinct_1", "distinct_2",
+            "length_words", "repetition", "question_rate", "nli_c_score", "nli_contradiction_rate",
+            "multiturn_self_contradiction_rate", "reward_length_correlation", "generation_tokens_per_s"]
     columns = [*policies, "gold"]
+    config = result["config"]
     lines = ["# Evaluation report", "",
-             f"{result['n_prompts']} held-out prompts from {result['n_dialogues']} test dialogues; "
-             "95% bootstrap CIs in brackets. `gold` scores the dataset's own replies with the same judge.", "",
+             f"Generation metrics: {result['n_prompts']} held-out prompts from {result['n_prompt_dialogues']} "
+             f"dialogues (of {result['n_dialogues']} in the split); persona likelihood: "
+             f"{min(config['likelihood_n'], result['n_prompts'])} prompts from {result['n_likelihood_dialogues']} "
+             f"dialogues; reply Hits@1: {min(config['hits_n'], result['n_prompts'])} prompts from "
+             f"{result['n_hits_dialogues']} dialogues. 95% CIs in brackets resample dialogues, not prompts. "
+             "`gold` scores the dataset's own replies with the same judges.", "",
              "| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for key in rows:
         lines.append(f"| {key} | " + " | ".join(_cell(result[c], key) for c in columns) + " |")
-    lines += ["", "Notes:", "- `keyword_score_original` is the original recipe's keyword-overlap score, kept for "
+    lines += paired_markdown(result["paired"])
+    lines += ["", "Notes:",
+              "- `grounded_not_copied`: the embedding judge ranks the true persona first and the reply copies no "
+              "fact; `fact_copy_rate`: replies holding >= 80% of a fact's content words in order (recitation).",
+              "- `keyword_score_original` is the original recipe's keyword-overlap score, kept for "
               "comparison; it rewards parroting and ignores contradiction.",
               "- `grounding_top1` (embedding persona identification) also rewards reciting the persona: read it "
-              "with `parroting_rate` and the gold column.", "- `persona_gain` and `persona_hits1` use the policy's own "
-              "likelihood of the gold reply under the true vs swapped personas (sampling-free)."]
+              "with `fact_copy_rate` and the gold column.", "- `persona_gain` and `persona_hits1` use the policy's own "
+              "likelihood of the gold reply under the true vs swapped personas (sampling-free).",
+              "- Charts that read offline (next to this report in metrics/): [evaluation bars](eval.png); training "
+              "curves [SFT](curves_sft.png), [reward model](curves_reward.png), [aligned policy](curves_align.png)."]
     lines += [f"- `{key}` is n/a: {why}" for key, why in result["unavailable"].items()]
     return "\n".join(lines) + "\n"
+
+
+def paired_markdown(paired: dict) -> list[str]:
+    """The paired differences as a table, `*` where the 95% CI excludes 0, and the persona_hits1 power line."""
+    if not paired:
+        return ["", "No paired comparison: it needs sft or base beside another policy."]
+    comparisons = list(paired)
+    lines = ["", "## Paired differences (same prompts)", "",
+             "Policy minus the other, mean of per-item differences, 95% CI resampling dialogues; `*` = the CI "
+             "excludes 0. `gold_perplexity`: per-conversation difference in per-token NLL (nats; negative = "
+             "better).", "",
+             "| metric | " + " | ".join(c.replace("_vs_", " vs ") for c in comparisons) + " |",
+             "|---|" + "---|" * len(comparisons)]
+    for key in PAIRED:
+        cells = []
+        for comparison in comparisons:
+            figures = paired[comparison].get(key)
+            if figures is None or "ci_low" not in figures:
+                cells.append("n/a")
+                continue
+            significant = figures["ci_low"] > 0 or figures["ci_high"] < 0
+            cells.append(f"{figures['diff']:+.3f} [{figures['ci_low']:+.3f}, {figures['ci_high']:+.3f}]"
+                         f"{' *' if significant else ''}")
+        if any(cell != "n/a" for cell in cells):
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    detectable = [f"{c.replace('_vs_', ' vs ')} {paired[c]['persona_hits1']['mdd']:.3f} "
+                  f"(n={paired[c]['persona_hits1']['n']})"
+                  for c in comparisons if "mdd" in paired[c].get("persona_hits1", {})]
+    if detectable:
+        lines += ["", "Smallest persona_hits1 difference this run detects (paired, two-sided alpha 0.05, power 0.8; "
+                  "2.80 x the clustered bootstrap standard error): " + "; ".join(detectable) + "."]
+    return lines
 
 
 def bar_chart(result: dict, policies: list[str], path: Path) -> None:
@@ -333,7 +474,7 @@ def bar_chart(result: dict, policies: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["persona_gain", "persona_hits1", "grounding_top1", "parroting_rate", "f1"]
+    keys = ["persona_gain", "persona_hits1", "grounded_not_copied", "fact_copy_rate", "f1"]
     columns = [*policies, "gold"]
     figure, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 3))
     for axis, key in zip(axes, keys):

@@ -101,7 +101,7 @@ def test_evaluate_writes_every_output_with_cis(test_dialogues, tiny_model_dir, s
     for name in ("base", "sft"):
         block = saved[name]
         assert block["grounding_top1_n"] == 6 and block["persona_gain_n"] == 3
-        for key in ("grounding_top1", "persona_hits1", "parroting_rate", "f1"):
+        for key in ("grounding_top1", "persona_hits1", "grounded_not_copied", "fact_copy_rate", "f1"):
             assert block[f"{key}_ci_low"] <= block[key] <= block[f"{key}_ci_high"]
         assert 0 <= block["grounding_top1"] <= 1 and block["gold_perplexity"] > 1
         assert block["nli_c_score"] is None and block["reward_score"] is None
@@ -110,14 +110,24 @@ def test_evaluate_writes_every_output_with_cis(test_dialogues, tiny_model_dir, s
     assert "NLI" in saved["unavailable"]["nli"] or "nli" in saved["unavailable"]["nli"]
     first = json.loads(paths[0].read_text().splitlines()[0])
     assert {"persona", "history", "gold", "base", "sft"} <= set(first)
-    assert "| grounding_top1 |" in paths[1].read_text()
+    report = paths[1].read_text()
+    assert "| grounding_top1 |" in report and "| persona_hits1 |" in report.split("## Paired")[1]
+    assert f"6 held-out prompts from {saved['n_prompt_dialogues']} dialogues" in report
+    assert "fact_copy_rate_ci_low" in saved["gold"] and "grounded_not_copied" in saved["gold"]
+    paired = saved["paired"]["sft_vs_base"]
+    assert set(paired) >= {"persona_gain", "persona_hits1", "grounding_top1_relevant", "fact_copy_rate",
+                           "grounded_not_copied", "gold_perplexity", "f1"}
+    for figures in paired.values():
+        assert figures["n"] < 2 or figures["ci_low"] <= figures["diff"] <= figures["ci_high"]
+    gain = [saved[name]["persona_gain"] for name in ("sft", "base")]
+    assert paired["persona_gain"]["diff"] == pytest.approx(gain[0] - gain[1], abs=2e-4)
 
 
 def test_evaluate_is_deterministic(test_dialogues, tiny_model_dir, sft_adapter):
     first, _ = run_evaluate(test_dialogues, tiny_model_dir, sft_adapter, policies=["sft"])
     second, _ = run_evaluate(test_dialogues, tiny_model_dir, sft_adapter, policies=["sft"])
-    first.pop("wall_s"), second.pop("wall_s")
-    for block in (first["sft"], second["sft"]):  # drop the timings
+    for block in (first, second, first["sft"], second["sft"]):  # drop the timings
+        block.pop("wall_s", None)
         for key in [k for k in block if k.startswith("time_") or k == "generation_tokens_per_s"]:
             block.pop(key)
     assert first == second
@@ -126,7 +136,7 @@ def test_evaluate_is_deterministic(test_dialogues, tiny_model_dir, sft_adapter):
 def test_nli_metrics_are_numbers_when_a_model_is_configured(test_dialogues, tiny_model_dir, sft_adapter, tiny_nli):
     result, _ = run_evaluate(test_dialogues, tiny_model_dir, sft_adapter, policies=["base"], nli_model=str(tiny_nli))
     block = result["base"]
-    assert -4 <= block["nli_c_score"] <= 4 and 0 <= block["nli_contradiction_rate"] <= 1
+    assert -1 <= block["nli_c_score"] <= 1 and 0 <= block["nli_contradiction_rate"] <= 1
     assert 0 <= block["multiturn_self_contradiction_rate"] <= 1
     assert "nli" not in result["unavailable"]
 
@@ -187,3 +197,26 @@ def test_candidate_scoring_with_a_shared_prompt_cache_matches_full_scoring(tiny_
     monkeypatch.setattr(likelihood, "reply_logprobs", None)  # the cached path must not fall back
     shared = likelihood.candidate_logprobs(model, tokenizer, prompt.chat(), candidates, batch_size=3)
     assert shared == pytest.approx(full, abs=1e-4)
+
+
+def test_evaluation_scoring_matches_full_logits_in_float64(tiny_model_dir, test_dialogues, tokenizer):
+    """persona/scoring.py takes logits only where a scored token is predicted, and shares a candidate
+    set's prompt: in float64 (no rounding to hide behind) it must equal log-softmax over full logits."""
+    from persona import scoring
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    prompt = select_prompts(test_dialogues, 1, 4, seed=0)[0]
+    candidates = [prompt.gold, "Yes.", "I have never been to Lisbon, but I would love to go someday!", "ok"]
+    rows = scoring.chat_rows(tokenizer, [prompt.chat(reply=c) for c in candidates])
+    expected = []
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+        picked = logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+        mask = torch.tensor(row["completion_mask"][1:], dtype=torch.float64)
+        expected.append(float((picked * mask).sum() / mask.sum()))
+    plain = scoring.mean_logprobs(model, rows, tokenizer.pad_token_id, batch_size=3)
+    shared_set = scoring.candidate_set(tokenizer, prompt.chat(), candidates)
+    assert isinstance(shared_set, scoring.CandidateSet) and len(shared_set.rows) == 4
+    shared = scoring.candidate_logprobs(model, shared_set, tokenizer.pad_token_id, batch_size=3)
+    assert plain == pytest.approx(expected, abs=1e-9) and shared == pytest.approx(expected, abs=1e-9)

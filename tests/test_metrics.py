@@ -11,15 +11,22 @@ from persona.metrics import (
     STOPWORDS,
     bleu,
     bootstrap_ci,
+    content_words,
+    copies_fact,
+    copy_words,
     distinct_n,
+    facts_copied,
     hits_at_1,
     is_question,
     keyword_score,
+    minimum_detectable_difference,
     mrr,
     normalize_answer,
+    paired_difference,
     parrots,
     persona_likelihood_gain,
     rank_of_true,
+    repeats_a_sentence,
     repetition_rate,
     rouge_l,
     summarize,
@@ -217,3 +224,73 @@ def test_pearson():
     assert pearson([1, 2, 3, 4], [2, 4, 6, 8]) == 1.0
     assert pearson([1, 2, 3, 4], [8, 6, 4, 2]) == -1.0
     assert pearson([1, 2, 3], [5, 5, 5]) is None and pearson([1, 2], [3, 4]) is None
+
+
+PERSONA = ["I am a retired opera singer.", "I live in a nursing home.", "I love chocolate cake.", "My son is a lawyer."]
+
+
+def test_a_persona_dump_copies_every_fact():
+    # The PPO sample ROUGE-L F (parroting_rate) let through: each sentence holds all of one fact's content words.
+    dump = "I'm a retired opera singer. I live in a nursing home. I love chocolate cake. My son is a lawyer."
+    assert facts_copied(dump, PERSONA) == 4
+    assert not parrots(dump, PERSONA)  # why fact_copy_rate replaced it
+
+
+def test_a_fact_said_in_new_words_is_not_copied():
+    # content words of the fact: work, night, shifts, nurse; the reply shares "shifts" only (1/4 < 0.8)
+    assert not copies_fact("Long shifts at the hospital, yes.", "I work night shifts as a nurse.")
+    assert facts_copied("I used to sing at the opera house, a long time ago.", PERSONA) == 0
+
+
+def test_fact_copy_is_recall_in_order_with_gaps():
+    fact = "I love chocolate cake."  # love, chocolate, cake
+    assert copies_fact("I really love eating chocolate cake on Sundays", fact)  # 3/3 with gaps
+    assert not copies_fact("Cake? I love chocolate.", fact)  # in order: love, chocolate = 2/3
+    fact = "I adopted three rescue dogs yesterday."  # adopted, three, rescue, dogs, yesterday
+    assert copies_fact("We adopted three dogs yesterday!", fact)  # 4/5 = 0.8 exactly: copied
+    assert not copies_fact("We adopted three dogs.", fact)  # 3/5
+
+
+def test_fact_copy_tokenizer_and_stopwords():
+    # apostrophes split contractions into pieces the stopword list holds; case and punctuation go
+    assert copy_words("I'm sure you DON'T, it’s fine!") == ["i", "m", "sure", "you", "don", "t", "it", "s", "fine"]
+    assert content_words("I'm sure you don't, it's fine!") == ["sure", "fine"]
+    # a fact with no content words is never copied, whatever the reply
+    assert content_words("I am who I am.") == [] and not copies_fact("I am who I am.", "I am who I am.")
+    assert facts_copied("anything", []) == 0
+
+
+def test_repeated_sentence_detection():
+    assert repeats_a_sentence("I like dogs. I LIKE dogs! Do you?")  # case and punctuation ignored
+    assert repeats_a_sentence("Me too\nme too")  # a line break ends a sentence
+    assert not repeats_a_sentence("I like dogs. I like cats. Do you?")
+    assert not repeats_a_sentence("Hello... hello there.") and not repeats_a_sentence("")
+
+
+def test_clustered_bootstrap_widens_for_correlated_clusters():
+    # 10 dialogues of 5 prompts each, all prompts of a dialogue alike: 10 independent values, not 50
+    values = [float(d % 2) for d in range(10) for _ in range(5)]
+    clusters = [d for d in range(10) for _ in range(5)]
+    plain_low, plain_high = bootstrap_ci(values, seed=1)
+    low, high = bootstrap_ci(values, seed=1, clusters=clusters)
+    assert low <= 0.5 <= high and (high - low) > 1.8 * (plain_high - plain_low)  # about sqrt(5) wider
+    assert bootstrap_ci(values, seed=1, clusters=clusters) == (low, high)  # deterministic for a seed
+    # one cluster per value (labelled 0..n-1): the plain bootstrap's resamples exactly
+    assert bootstrap_ci(values, seed=1, clusters=list(range(50))) == (plain_low, plain_high)
+    assert summarize(values, 1, 1000, clusters)["ci_low"] == round(low, 4)
+    with pytest.raises(ValueError):
+        bootstrap_ci(values, clusters=[0, 1])
+
+
+def test_paired_difference_and_minimum_detectable_difference():
+    assert minimum_detectable_difference(1.0) == pytest.approx(1.95996 + 0.84162, abs=1e-4)
+    base = [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    same = paired_difference(base, base, clusters=[0, 0, 1, 1, 2, 2, 3, 3])
+    assert (same["diff"], same["ci_low"], same["ci_high"], same["mdd"], same["n"]) == (0.0, 0.0, 0.0, 0.0, 8)
+    # every item +1: the shift is certain, however items cluster
+    up = paired_difference([v + 1 for v in base], base, clusters=[0, 0, 1, 1, 2, 2, 3, 3])
+    assert up["diff"] == up["ci_low"] == up["ci_high"] == 1.0
+    # differences +1 in two dialogues, 0 in two: the mean is 0.5 and the CI spans dialogue-level noise
+    mixed = paired_difference([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 8, clusters=[0, 0, 1, 1, 2, 2, 3, 3])
+    assert mixed["diff"] == 0.5 and mixed["ci_low"] < 0.5 < mixed["ci_high"] and mixed["mdd"] > 0
+    assert json.loads(json.dumps(mixed)) == mixed

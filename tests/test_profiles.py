@@ -15,11 +15,11 @@ from persona.hardware import Machine
 from persona.launch import check_machine
 from persona.paths import TRAINING_STAGES
 from persona.profiles import apply_profile, available, profile_values
-from tests.conftest import REPO
+from tests.conftest import REPO, SHARED_SPC
 
 T4x2 = Machine(gpus=2, bf16=False, cpus=4)
 A100 = Machine(gpus=1, bf16=True, cpus=12)
-PROFILES = ["a100-80gb", "cpu-quick", "gpu-24gb", "kaggle-2xt4"]
+PROFILES = ["a100-80gb", "cpu-quick", "cpu-spc", "gpu-24gb", "kaggle-2xt4"]
 
 
 def test_the_committed_params_are_the_cpu_quick_profile(tmp_path):
@@ -33,6 +33,12 @@ def test_the_committed_params_are_the_cpu_quick_profile(tmp_path):
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_applying_a_profile_sets_every_value_and_keeps_comments(tmp_path, name):
+    if name == "cpu-spc":  # its data.source, ../shared/data/synthetic-persona-chat, must exist beside the copy
+        if not SHARED_SPC.exists():
+            pytest.skip("no shared SPC data beside the repository")
+        (tmp_path / "shared").symlink_to(REPO.parent / "shared")
+        tmp_path = tmp_path / "repo"
+        tmp_path.mkdir()
     params = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params)
     apply_profile("kaggle-2xt4" if name != "kaggle-2xt4" else "gpu-24gb", params)  # profiles must not stack
@@ -84,3 +90,10 @@ def test_a_bad_profile_names_its_file_and_key(tmp_path):
     (tmp_path / "typed.yaml").write_text("sft:\n  precision: fp8\n")
     with pytest.raises(ConfigError, match=r"typed\.yaml: sft\.precision: 'fp8' is not one of"):
         profile_values("typed", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["cpu-spc", "gpu-24gb", "a100-80gb", "kaggle-2xt4"])
+def test_real_data_profiles_evaluate_enough_to_see_a_difference(name):
+    """Issue 14's floor: >= 500 generation prompts, >= 300 likelihood, >= 100 reply Hits@1, >= 30 conversations."""
+    cfg = _load(name).evaluate
+    assert cfg.n >= 500 and cfg.likelihood_n >= 300 and cfg.hits_n >= 100 and cfg.multiturn_n >= 30
