@@ -6,10 +6,12 @@ name, so `dvc exp run -S align.algorithm=...` compares algorithms with one stage
 from __future__ import annotations
 
 from persona.config import Params
+from persona.dpo import train_dpo
+from persona.grpo import train_grpo
 from persona.paths import DEFAULT, Paths
 from persona.ppo.trainer import train_ppo
 
-TRAINERS = {"ppo": train_ppo}
+TRAINERS = {"ppo": train_ppo, "dpo": train_dpo, "grpo": train_grpo}
 
 
 def run(params: Params, paths: Paths = DEFAULT, stop_after: int | None = None) -> dict:
