@@ -9,9 +9,13 @@ import pytest
 import yaml
 
 from persona.paths import DEFAULT, METRICS_FILES, STAGES, TRAINING_STAGES
+from persona.plots import curves_chart, curves_folder
 from tests.conftest import REPO
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+# `plots` draws the training curves as PNGs (persona/plots.py). It reads no params and writes no metrics file,
+# unlike every stage in paths.STAGES.
+PLOTS = "plots"
 
 
 def module_file(module: str) -> Path | None:
@@ -69,7 +73,7 @@ def dep_problems(stage: str, deps: list[str]) -> list[str]:
 
 
 def test_the_stages_are_the_ones_paths_names():
-    assert list(DVC) == list(STAGES)
+    assert list(DVC) == [*STAGES, PLOTS]
 
 
 def test_the_committed_lock_records_only_pipeline_stages():
@@ -78,12 +82,12 @@ def test_the_committed_lock_records_only_pipeline_stages():
     assert set(lock) == set(DVC)
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", [*STAGES, PLOTS])
 def test_deps_are_exactly_the_code_a_stage_imports(stage):
     assert dep_problems(stage, listed_deps(stage)) == []
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", [*STAGES, PLOTS])
 def test_dropping_any_one_code_dep_is_caught(stage):
     deps = listed_deps(stage)
     for dep in [d for d in deps if d.startswith("persona/")]:
@@ -132,4 +136,13 @@ def test_training_stages_start_through_the_launcher_and_the_rest_directly():
 def test_curves_and_plots_name_the_stage_folders():
     for stage in TRAINING_STAGES:
         plots = {next(iter(p)) for p in DVC[stage]["plots"]}
-        assert plots == {f"{DEFAULT.curves_dir(stage).as_posix()}/plots/metrics"}
+        assert plots == {curves_folder(DEFAULT, stage).as_posix()}
+
+
+def test_the_plots_stage_draws_every_training_stage_curves():
+    """It reruns when any training stage's curves change, and only then (or when its code does)."""
+    data_deps = {d for d in listed_deps(PLOTS) if not d.startswith(("persona/", "stages/"))}
+    assert data_deps == {curves_folder(DEFAULT, stage).as_posix() for stage in TRAINING_STAGES}
+    assert outputs(PLOTS) == {curves_chart(DEFAULT, stage).as_posix() for stage in TRAINING_STAGES}
+    assert all(out[path]["cache"] is False for out in DVC[PLOTS]["outs"] for path in out)  # git keeps them
+    assert "params" not in DVC[PLOTS] and "metrics" not in DVC[PLOTS]
