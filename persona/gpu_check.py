@@ -55,12 +55,18 @@ NO_EVAL = 10_000  # eval/save period past the last step: the check times trainin
 # a bf16 matmul is far slower there); bitsandbytes runs nf4 on CPU too.
 GPU_ROWS = {"sft": (("nf4", "fp16"), ("nf4", "bf16"), ("none", "bf16")),
             "reward": (("nf4", "fp16"), ("nf4", "bf16")),
-            "ppo": (("nf4", "fp16"), ("nf4", "bf16"))}
-CPU_ROWS = {stage: (("none", "fp32"), ("nf4", "fp32")) for stage in GPU_ROWS}
+            "ppo": (("nf4", "fp16"), ("nf4", "bf16")),
+            "dpo": (("nf4", "fp16"), ("nf4", "bf16")),
+            "grpo": (("nf4", "fp16"), ("nf4", "bf16"))}
+# the TRL align algorithms run unquantised only on a CPU: their nf4 + fp32 path is the reward stage's (the same
+# build_trainer cast), and each tiny row costs CI ~10 s
+CPU_ROWS = {stage: (("none", "fp32"),) if stage in ("dpo", "grpo") else (("none", "fp32"), ("nf4", "fp32"))
+            for stage in GPU_ROWS}
 # `--size tiny` uses this share of the sample: rendering the SFT dataset's chat templates, not training,
 # is most of a tiny SFT run's time, and a few tiny steps need few conversations.
 TINY_SAMPLE_FRACTION = 0.25
-STAGE_OUTPUT = {"sft": "sft", "reward": "reward", "ppo": "policy"}  # the Paths field each stage writes
+# the Paths field each stage writes
+STAGE_OUTPUT = {"sft": "sft", "reward": "reward", "ppo": "policy", "dpo": "policy", "grpo": "policy"}
 
 
 def load_tokenizer(folder: Path | None):
@@ -118,6 +124,12 @@ def check_params(size: str, steps: int) -> Params:
                                 minibatch_size=2 if tiny else 4, max_new_tokens=6 if tiny else 32,
                                 eval_n=4 if tiny else 8, batch_size=8, max_history_turns=2 if tiny else 4,
                                 save_steps=NO_EVAL),
+        dpo=dataclasses.replace(params.dpo, max_steps=2 if tiny else 4, batch_size=2 if tiny else 8,
+                                max_eval_sequences=4, eval_n=4 if tiny else 8, max_new_tokens=6 if tiny else 32,
+                                max_history_turns=2 if tiny else 4, **short),
+        grpo=dataclasses.replace(params.grpo, max_steps=2 if tiny else 3, batch_size=4 if tiny else 16,
+                                 num_generations=2 if tiny else 4, max_eval_sequences=4, eval_n=4 if tiny else 8,
+                                 max_new_tokens=6 if tiny else 32, max_history_turns=2 if tiny else 4, **short),
     )
     params.validate(Path("."))  # the cut-down values must still be valid params
     return params
@@ -194,6 +206,9 @@ def run_stage(stage: str, params: Params, paths: Paths) -> dict:
     if stage == "ppo":
         with ppo_step_clock(durations):
             metrics = align.run(params, paths)
+    elif stage in ("dpo", "grpo"):  # no step clock: their TRL trainers are built inside align.run
+        metrics = align.run(dataclasses.replace(params, align=dataclasses.replace(params.align, algorithm=stage)),
+                            paths)
     else:
         metrics = {"sft": sft.run, "reward": reward.run}[stage](params, paths, callbacks=(StepClock(durations),))
     return {**metrics, "step_seconds": durations}
@@ -263,18 +278,21 @@ def run_rows(size: str, steps: int, work: Path, tokenizer) -> tuple[list[dict], 
     runs, skipped = planned_rows(Machine.detect())
     rows, adapter = stage_rows("sft", runs["sft"], params, paths, work)
     if adapter is None:
-        return rows + [empty_row(stage, error="skipped: no SFT run passed") for stage in ("pairs", "reward", "ppo")
-                       ], skipped
+        return rows + [empty_row(stage, error="skipped: no SFT run passed")
+                       for stage in ("pairs", "reward", "ppo", "dpo", "grpo")], skipped
     paths = dataclasses.replace(paths, sft=adapter)
     rows.append(timed("pairs", "none", "fp32", run_pairs, params, paths))
     if rows[-1]["error"]:
-        return rows + [empty_row(stage, error="skipped: the pairs run failed") for stage in ("reward", "ppo")], skipped
+        return rows + [empty_row(stage, error="skipped: the pairs run failed")
+                       for stage in ("reward", "ppo", "dpo", "grpo")], skipped
     reward_rows, reward_model = stage_rows("reward", runs["reward"], params, paths, work)
     rows += reward_rows
     if reward_model is None:
-        return rows + [empty_row("ppo", error="skipped: no reward run passed")], skipped
-    ppo_rows, _ = stage_rows("ppo", runs["ppo"], params, dataclasses.replace(paths, reward=reward_model), work)
-    return rows + ppo_rows, skipped
+        return rows + [empty_row(stage, error="skipped: no reward run passed") for stage in ("ppo", "dpo", "grpo")
+                       ], skipped
+    for stage in ("ppo", "dpo", "grpo"):
+        rows += stage_rows(stage, runs[stage], params, dataclasses.replace(paths, reward=reward_model), work)[0]
+    return rows, skipped
 
 
 def read_profile(profile: str) -> tuple[str, Params]:

@@ -74,6 +74,23 @@ def sampler_gap(trainer, prompts: list[list[dict]], seed: int) -> float:
     return trainer.accelerator.gather(gap[None]).max().item()
 
 
+def positions_from_mask(model) -> None:
+    """Make a forward without `position_ids` take them from the attention mask, as generation does.
+
+    TRL's GRPO scores left-padded prompt + completion rows with only input_ids and attention_mask, so the model
+    numbers positions 0..L-1 from the padding on, while `generate` numbered each row from its first real token.
+    Rotary models (Llama) do not notice a shift shared by every token; models with absolute position embeddings
+    (GPT-2, the T4 recipe's) score other distributions than they sampled from: 0.37 nats on the GPU check's tiny
+    GPT-2, which the sampler check stopped. PPO numbers positions the same way (persona/ppo/rollout.py)."""
+    def add_positions(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("position_ids") is None and mask is not None and kwargs.get("past_key_values") is None:
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return args, kwargs
+
+    model.get_base_model().register_forward_pre_hook(add_positions, with_kwargs=True)
+
+
 class SamplerCheck(TrainerCallback):
     """`sampler_gap` on the first batch of prompts when each session's training begins; stops a run above the
     bound for its precision."""
@@ -137,6 +154,7 @@ def train_grpo(params: Params, paths: Paths, stop_after: int | None = None) -> d
                                                                 cfg.max_history_turns, params.seed)]
     set_seed(params.seed)
     model, tokenizer = trl_align.load_sft_policy(paths, compute, cfg.gradient_checkpointing)
+    positions_from_mask(model)
     reward_model, stats = trl_align.load_reward_model(params, paths, compute, cfg.batch_size)
     prompts, decoding = trl_align.held_out(params, paths, cfg)
     sft_chats = sample_chats(model, tokenizer, prompts, decoding)
