@@ -54,10 +54,12 @@ def test_tiny_gpu_check_on_cpu_reports_every_row_and_a_projection(tmp_path, toke
     assert set(rows) == {(stage, quant, "fp32") for stage in ("sft", "reward", "ppo") for quant in ("none", "nf4")
                          } | {("pairs", "none", "fp32"), ("dpo", "none", "fp32"), ("grpo", "none", "fp32")}
     for key, row in rows.items():
-        assert row["error"] is None and row["tokens_per_s"] > 0 and row["peak_memory_mb"] > 0, row
+        assert row["error"] is None and row["peak_memory_mb"] > 0, row
         if key[0] != "pairs":
             assert row["steps"] == 2 and row["trainable_dtype"] == "float32", row
-        if key[0] not in ("pairs", "dpo", "grpo"):  # the TRL align algorithms have no step clock
+        if key[0] not in ("dpo", "grpo"):  # the TRL align algorithms have no step clock and report no tokens/s
+            assert row["tokens_per_s"] > 0, row
+        if key[0] not in ("pairs", "dpo", "grpo"):
             assert row["seconds_per_step"] > 0, row
     assert report["versions"]["torch"] and report["versions"]["bitsandbytes"]
     assert {(s["stage"], s["quant"], s["precision"]) for s in report["skipped"]} == {
@@ -83,7 +85,7 @@ def test_tiny_gpu_check_on_cpu_reports_every_row_and_a_projection(tmp_path, toke
     assert projection["projected_s"] == pytest.approx(sum(s["projected_s"] for s in stages.values()))
     assert "no T4 estimate" in projection["scaling"]
     assert re.search(r"^total +\d", done.stdout, re.MULTILINE), done.stdout
-    assert "11 runs passed, 0 failed" in done.stdout
+    assert "13 runs passed, 0 failed" in done.stdout
 
 
 def test_unknown_profile_or_architecture_fails_before_anything_runs(tmp_path):
