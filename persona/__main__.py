@@ -1,8 +1,9 @@
-"""Command line: `python -m persona {profile,evaluate,chat,web,export}`.
+"""Command line: `python -m persona {profile,evaluate,chat,web,export,results}`.
 
 profile: apply a ready parameter set (profiles/) to params.yaml. evaluate: the evaluate stage,
 usable outside DVC. chat: a terminal chat with any policy the pipeline produced. web: the
-Gradio demo. export: merge an adapter into a plain checkpoint.
+Gradio demo. export: merge an adapter into a plain checkpoint. results: README's results tables, written
+from the committed metrics.
 """
 from __future__ import annotations
 
@@ -72,6 +73,17 @@ def evaluate_command(args) -> None:
     write_outputs(result, samples, out.with_suffix(".samples.jsonl"), out.with_suffix(".md"))
     print(out.with_suffix(".md").read_text())
     print(f"wrote {out}, {out.with_suffix('.samples.jsonl')}, {out.with_suffix('.md')} in {result['wall_s']} s")
+
+
+def results_command(args) -> None:
+    from persona.results import runs, write
+
+    current = write(args.readme, args.check)
+    folders = ", ".join(str(folder) for _, folder in runs(args.readme.resolve().parent))
+    if args.check and not current:
+        print(f"{args.readme}: results out of date with {folders}; run python -m persona results", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"{args.readme}: results {'up to date' if current else 'written'} from {folders}")
 
 
 def decoding_from(args):
@@ -167,6 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--base", type=Path, default=DEFAULT.base)
     export.set_defaults(run=export_command)
+
+    results = commands.add_parser("results", help="write README's results tables from metrics/ and results/*/")
+    results.add_argument("--check", action="store_true", help="only check README is up to date (exit 1 if not)")
+    results.add_argument("--readme", type=Path, default=Path("README.md"))
+    results.set_defaults(run=results_command)
 
     args = parser.parse_args(argv)
     try:

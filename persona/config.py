@@ -174,15 +174,22 @@ class PairsConfig:
 
 @dataclass(frozen=True)
 class RewardConfig(TrainConfig):
+    kind: Literal["model", "likelihood", "both"] = "model"
     batch_size: int = 8
     lr: float = 3e-3
     max_eval_sequences: int = 16
     center_rewards: float = 0.01
     lora_top_layers: int = 8
     score_batch_size: int = 16
+    likelihood_personas: int = 3
+    copy_penalty: float = 1.0
+    repeat_penalty: float = 1.0
 
     def validate(self, section: str) -> None:
         super().validate(section)
+        _check(self.likelihood_personas > 0, f"{section}.likelihood_personas", "must be > 0")
+        _check(self.copy_penalty >= 0, f"{section}.copy_penalty", "must be >= 0")
+        _check(self.repeat_penalty >= 0, f"{section}.repeat_penalty", "must be >= 0")
         _check(self.center_rewards >= 0, f"{section}.center_rewards", "must be >= 0")
         _check(self.lora_top_layers >= 0, f"{section}.lora_top_layers", "must be >= 0")
         _check(self.score_batch_size > 0, f"{section}.score_batch_size", "must be > 0")

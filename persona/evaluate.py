@@ -36,7 +36,7 @@ from persona.hardware import library_versions
 from persona.judges import Embedder, load_nli
 from persona.models import load_policies, policy
 from persona.paths import DEFAULT, Paths
-from persona.reward import RewardModel
+from persona.reward import load_scorer
 from persona.scoring import candidate_logprobs, candidate_set, chat_rows, mean_logprobs, row_scores
 from persona.seeds import derive_seed
 
@@ -74,6 +74,7 @@ def headline(key: str, values: list[float], seed: int, resamples: int, clusters:
 def grounding(embedder: Embedder, replies: list[str], candidates: list[list[list[str]]]) -> dict[str, list[float]]:
     """Per reply: true-persona top-1, reciprocal rank, and max fact similarity with the true persona."""
     top1, reciprocal, similarity = [], [], []
+    embedder.encode(replies + [fact for personas in candidates for persona in personas for fact in persona])  # one pass
     for reply, personas in zip(replies, candidates):
         scores = embedder.fact_similarity(reply, personas)
         rank = M.rank_of_true(scores, 0)
@@ -263,7 +264,7 @@ def perplexity_rows(dialogues: list[Dialogue], tokenizer, max_length: int, limit
 
 
 def build_context(dialogues: list[Dialogue], tokenizer, cfg: EvaluateConfig, max_length: int, seed: int,
-                  reward: RewardModel | None = None) -> dict:
+                  reward=None) -> dict:
     """Everything shared by all policies: prompts, candidates, judges, and every sequence scored, tokenised
     once; drawn once so policies compare on the same items."""
     rng = random.Random(seed)
@@ -339,7 +340,7 @@ def evaluate(dialogues: list[Dialogue], cfg: EvaluateConfig, base_path: Path, ad
     started = time.perf_counter()
     torch.manual_seed(seed)
     model, tokenizer = load_policies(base_path, {n: adapters[n] for n in cfg.policies if n != "base"})
-    reward = RewardModel.load(base_path, reward_path, max_length=max_length, batch_size=cfg.batch_size) \
+    reward = load_scorer(base_path, reward_path, adapters["sft"], max_length=max_length, batch_size=cfg.batch_size) \
         if reward_path is not None else None
     context = build_context(dialogues, tokenizer, cfg, max_length, seed, reward)
     prompts, clusters = context["prompts"], context["clusters"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from tqdm import tqdm
 
 from persona.chat_format import render
 from persona.models import eval_mode
@@ -68,7 +69,8 @@ def generate(model, tokenizer, chats: list[list[dict]], decoding: Decoding, stre
         encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         order = sorted(range(len(chats)), key=lambda i: len(encoded[i]))
         replies: list[Reply] = [None] * len(chats)
-        for start in range(0, len(order), decoding.batch_size):
+        batches = range(0, len(order), decoding.batch_size)
+        for start in tqdm(batches, desc="generate", unit="batch", leave=False, disable=len(batches) < 4):
             chunk = order[start:start + decoding.batch_size]
             width = max(len(encoded[i]) for i in chunk)
             ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)

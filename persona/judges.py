@@ -38,7 +38,8 @@ class Embedder:
     def encode(self, texts: list[str]) -> np.ndarray:
         missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
         if missing:
-            vectors = self.model.encode(missing, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+            vectors = self.model.encode(missing, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                         show_progress_bar=len(missing) > 1000)
             self.cache.update(zip(missing, vectors))
         return np.stack([self.cache[t] for t in texts])
 

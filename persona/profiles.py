@@ -1,8 +1,9 @@
 """Ready parameter sets for the machines users have: `python -m persona profile kaggle-2xt4`.
 
-A profile (`profiles/<name>.yaml`) lists only what differs from the defaults, each value with
-the reason it was chosen. The defaults are the dataclass defaults of persona/config.py, which
-the committed params.yaml spells out (that is the `cpu-quick` profile, an empty overlay).
+A profile (`profiles/<name>.yaml`) lists only what differs from the defaults (or, with
+`extends: <profile>`, from that profile), each value with the reason it was chosen. The
+defaults are the dataclass defaults of persona/config.py, which the committed params.yaml
+spells out (that is the `cpu-quick` profile, an empty overlay).
 Applying a profile sets *every* key of params.yaml to the profile's value or the default, so
 profiles do not stack by accident, and it edits values in place so params.yaml keeps its
 comments. Then `dvc repro` reruns exactly the stages whose params changed.
@@ -35,8 +36,9 @@ def profile_values(name: str, folder: Path = PROFILES_DIR) -> dict:
     if not path.is_file():
         raise ConfigError(f"no profile {name!r}; available: {', '.join(available(folder))}")
     overlay = yaml.safe_load(path.read_text()) or {}
+    parent = overlay.pop("extends", None)  # another profile's values first, then this one's on top
     try:
-        values = _overlay(dataclasses.asdict(Params()), overlay)
+        values = _overlay(profile_values(parent, folder) if parent else dataclasses.asdict(Params()), overlay)
         from_dict(Params, values, "")
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None

@@ -24,11 +24,17 @@ from persona import training
 from persona.chat_format import encode_messages, messages_for
 from persona.config import ConfigError, Params
 from persona.distributed import watch_ranks
-from persona.hardware import resolve_compute, run_metrics
+from persona.files import replace_folder
+from persona.hardware import Compute, resolve_compute, run_metrics
 from persona.likelihood import collate
+from persona.likelihood_reward import CONFIG as LIKELIHOOD_CONFIG
+from persona.likelihood_reward import LikelihoodReward, load_sft_merged
+from persona.likelihood_reward import config_text as likelihood_config_text
+from persona.metrics import bootstrap_ci
 from persona.models import eval_mode, load_for_training, lora_config, save_model, trainable_parameters
 from persona.pairs import STRATEGIES, read_pairs, words
 from persona.paths import DEFAULT, Paths
+from persona.scoring import ChatScorer
 
 log = logging.getLogger(__name__)
 REWARD_INFO = "reward_info.json"  # held-out score mean/std, for PPO's reward normalisation
@@ -65,12 +71,8 @@ def pair_rows(pairs: list[dict], tokenizer, max_length: int, source: Path):
     return Dataset.from_dict(rows)
 
 
-class RewardModel:
-    """`score(personas, histories, responses)`: one scalar per reply, batched, on CPU or GPU.
-
-    A history is the dialogue so far as plain strings, oldest first, ending with the partner's
-    turn; the reply is the persona speaker's next turn.
-    """
+class RewardModel(ChatScorer):
+    """The trained reward model: one scalar per reply, batched, on CPU or GPU."""
 
     def __init__(self, model, tokenizer, max_length: int = 1024, batch_size: int = 16):
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -96,20 +98,37 @@ class RewardModel:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model.to(device), tokenizer, max_length, batch_size)
 
-    def score(self, personas: list[list[str]], histories: list[list[str]], responses: list[str]) -> list[float]:
-        if not len(personas) == len(histories) == len(responses):
-            raise ValueError("score: personas, histories and responses must have the same length")
-        chats = []
-        for facts, history, response in zip(personas, histories, responses):
-            turns = [(0 if (len(history) - i) % 2 == 0 else 1, text) for i, text in enumerate(history)]
-            chats.append(reward_chat(facts, turns, 0, response))
-        return self.score_chats(chats)
-
     @torch.no_grad()
     def score_chats(self, chats: list[list[dict]]) -> list[float]:
         """Scores of chats (system persona, history, final assistant reply), in input order."""
         ids = [encode_chat(self.tokenizer, chat, self.max_length) for chat in chats]
         return score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
+
+
+class CombinedReward(ChatScorer):
+    """`reward.kind: both`: per chat, the sum over scorers of (score - its held-out mean) / its held-out std."""
+
+    def __init__(self, scorers: dict[str, object], stats: dict[str, dict]):
+        self.scorers, self.stats = scorers, stats
+
+    def score_chats(self, chats: list[list[dict]]) -> list[float]:
+        parts = {name: {"all": np.array(scorer.score_chats(chats), dtype=float)}
+                 for name, scorer in self.scorers.items()}
+        return combine(parts, self.stats)["all"].tolist()
+
+
+def load_scorer(base_path: Path, reward_path: Path, sft_path: Path, device: str | None = None,
+                max_length: int = 1024, batch_size: int = 16, dtype: torch.dtype = torch.float32):
+    """What the reward stage saved at `reward_path`, ready to score: a RewardModel, a LikelihoodReward (which runs
+    the SFT adapter at `sft_path`) or their CombinedReward, after the folder's reward_info.json `kind`."""
+    info_path = reward_path / REWARD_INFO
+    kind = json.loads(info_path.read_text()).get("kind", "model") if info_path.exists() else "model"
+    scorers = {}
+    if kind != "likelihood":
+        scorers["model"] = RewardModel.load(base_path, reward_path, device, max_length, batch_size, dtype)
+    if kind != "model":
+        scorers["likelihood"] = LikelihoodReward.load(base_path, reward_path, sft_path, device, batch_size, dtype)
+    return scorers[kind] if kind in scorers else CombinedReward(scorers, json.loads(info_path.read_text())["parts"])
 
 
 @torch.no_grad()
@@ -128,56 +147,147 @@ def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int) -> list
     return scores
 
 
-def held_out_metrics(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int, source: Path) -> dict:
-    """Pairwise accuracy (overall, per strategy, length-matched), margin, persona-only accuracy.
+def held_out_chats(pairs: list[dict]) -> dict[str, list[list[dict]]]:
+    """The chats held-out pairs are scored on: each side under the true persona, and each swap pair's chosen
+    reply under the other persona (for persona_only_accuracy)."""
+    chats = {side: [reward_chat(p["facts"], p["history"], p["speaker"], p[side]) for p in pairs]
+             for side in ("chosen", "rejected")}
+    chats["swapped"] = [reward_chat(p["other_facts"], p["history"], p["speaker"], p["chosen"])
+                        for p in pairs if p["strategy"] == "swap"]
+    return chats
 
-    `source`: the pairs file (see `pair_rows`)."""
-    with eval_mode(model):
-        rows = pair_rows(pairs, tokenizer, max_length, source)
-        chosen = np.array(score_ids(model, rows["chosen_ids"], tokenizer.pad_token_id, batch_size))
-        rejected = np.array(score_ids(model, rows["rejected_ids"], tokenizer.pad_token_id, batch_size))
-        correct = (chosen > rejected).astype(float)
-        out = {"accuracy": round(float(correct.mean()), 4), "n_pairs": len(pairs),
-               "margin": round(float((chosen - rejected).mean()), 4)}
-        for strategy in STRATEGIES:
-            picked = [i for i, p in enumerate(pairs) if p["strategy"] == strategy]
-            out[f"accuracy_{strategy}"] = round(float(correct[picked].mean()), 4) if picked else None
-            out[f"n_{strategy}"] = len(picked)
-        matched = [i for i, p in enumerate(pairs)
-                   if abs(words(p["chosen"]) - words(p["rejected"])) <= LENGTH_MATCHED_WORDS]
-        out["accuracy_length_matched"] = round(float(correct[matched].mean()), 4) if matched else None
-        out["n_length_matched"] = len(matched)
-        swaps = [p for p in pairs if p["strategy"] == "swap"]
-        if swaps:
-            swapped = [encode_chat(tokenizer, reward_chat(p["other_facts"], p["history"], p["speaker"], p["chosen"]),
-                                   max_length) for p in swaps]
-            own = chosen[[i for i, p in enumerate(pairs) if p["strategy"] == "swap"]]
-            under_other = np.array(score_ids(model, swapped, tokenizer.pad_token_id, batch_size))
-            out["persona_only_accuracy"] = round(float((own > under_other).mean()), 4)
-        both = np.concatenate([chosen, rejected])
-        out["score_mean"], out["score_std"] = round(float(both.mean()), 4), round(float(both.std()), 4)
+
+def score_held_out(score_chats, pairs: list[dict]) -> dict[str, np.ndarray]:
+    return {name: np.array(score_chats(chats), dtype=float) for name, chats in held_out_chats(pairs).items()}
+
+
+def held_out_metrics(pairs: list[dict], scores: dict[str, np.ndarray], seed: int, resamples: int = 1000) -> dict:
+    """Pairwise accuracy (overall, per strategy, length-matched), margin, persona-only accuracy, from the scores
+    of `score_held_out`. The two accuracies that only the persona decides, persona_only_accuracy (the same gold
+    reply under its persona vs another) and accuracy_mismatch, carry 95% CIs that resample dialogues."""
+    chosen, rejected = scores["chosen"], scores["rejected"]
+    correct = (chosen > rejected).astype(float)
+    out = {"accuracy": round(float(correct.mean()), 4), "n_pairs": len(pairs),
+           "margin": round(float((chosen - rejected).mean()), 4)}
+    dialogues = [p["dialogue"] for p in pairs]
+    for strategy in STRATEGIES:
+        picked = [i for i, p in enumerate(pairs) if p["strategy"] == strategy]
+        out[f"accuracy_{strategy}"] = round(float(correct[picked].mean()), 4) if picked else None
+        out[f"n_{strategy}"] = len(picked)
+        if strategy == "mismatch" and picked:
+            out.update(_with_ci("accuracy_mismatch", correct[picked], [dialogues[i] for i in picked], seed, resamples))
+    matched = [i for i, p in enumerate(pairs)
+               if abs(words(p["chosen"]) - words(p["rejected"])) <= LENGTH_MATCHED_WORDS]
+    out["accuracy_length_matched"] = round(float(correct[matched].mean()), 4) if matched else None
+    out["n_length_matched"] = len(matched)
+    swaps = [i for i, p in enumerate(pairs) if p["strategy"] == "swap"]
+    if swaps:
+        own_better = (chosen[swaps] > scores["swapped"]).astype(float)
+        out.update(_with_ci("persona_only_accuracy", own_better, [dialogues[i] for i in swaps], seed, resamples))
+    both = np.concatenate([chosen, rejected])
+    out["score_mean"], out["score_std"] = round(float(both.mean()), 4), round(float(both.std()), 4)
     return out
 
 
-def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
-    """The `reward` stage: train the reward LoRA + head on train pairs, test on held-out pairs.
+def _with_ci(key: str, values: np.ndarray, dialogues: list[str], seed: int, resamples: int) -> dict:
+    low, high = bootstrap_ci(values, n_resamples=resamples, seed=seed, clusters=dialogues)
+    return {key: round(float(values.mean()), 4), f"{key}_ci_low": round(low, 4), f"{key}_ci_high": round(high, 4)}
 
+
+def model_scorer(model, tokenizer, max_length: int, batch_size: int):
+    """`score_chats` of a reward model being trained (switched to eval mode for the call)."""
+    def score_chats(chats: list[list[dict]]) -> list[float]:
+        with eval_mode(model):
+            return score_ids(model, [encode_chat(tokenizer, chat, max_length) for chat in chats],
+                             tokenizer.pad_token_id, batch_size)
+    return score_chats
+
+
+def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
+    """The `reward` stage: the scorer of `reward.kind`, tested on the held-out pairs, saved to models/reward.
+
+    model: train the reward LoRA + head on the train pairs. likelihood: nothing to train; the frozen SFT model
+    scores (persona/likelihood_reward.py). both: the two, summed after normalising each by its held-out scores.
     Files are written by rank 0 only; `callbacks`: extra Trainer callbacks (tests kill a run with one).
     """
+    cfg = params.reward
+    started = time.perf_counter()
+    valid_pairs = read_pairs(paths.pairs / "valid.jsonl")
+    parts, files, out = {}, {}, {}
+    saved = None
+    if cfg.kind != "likelihood":
+        out, parts["model"], saved = train_reward_model(params, paths, valid_pairs, callbacks)
+    if cfg.kind != "model":
+        scorer = likelihood_scorer(params, paths)
+        parts["likelihood"] = score_held_out(scorer.score_chats, valid_pairs)
+        files[LIKELIHOOD_CONFIG] = likelihood_config_text(paths.sft, scorer.pool.values(), cfg.likelihood_personas,
+                                                          cfg.copy_penalty, cfg.repeat_penalty)
+    part_stats = {name: _stats(scores) for name, scores in parts.items()}
+    scores = parts[cfg.kind] if cfg.kind in parts else combine(parts, part_stats)
+    held = held_out_metrics(valid_pairs, scores, params.seed)
+    info = {"kind": cfg.kind, "score_mean": held["score_mean"], "score_std": held["score_std"]}
+    if cfg.kind == "both":
+        info["parts"] = part_stats
+        held["by_scorer"] = {name: held_out_metrics(valid_pairs, part, params.seed) for name, part in parts.items()}
+    files[REWARD_INFO] = json.dumps(info, indent=2)
+    if saved is not None:
+        saved(files)
+    else:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            with replace_folder(paths.reward) as folder:
+                for name, content in files.items():
+                    (folder / name).write_text(content)
+        out = run_metrics(scorer_compute(cfg))
+    return {**out, **held, "kind": cfg.kind, "stage_wall_s": round(time.perf_counter() - started, 1)}
+
+
+def likelihood_scorer(params: Params, paths: Paths) -> LikelihoodReward:
+    """The likelihood reward of `reward.*` on this machine's device, its persona pool the train split's."""
+    from persona.data import read_dialogues
+
+    cfg = params.reward
+    personas = [p for d in read_dialogues(paths.prepared / "train.jsonl") for p in d.personas]
+    from accelerate import PartialState
+
+    model, tokenizer = load_sft_merged(paths.base, paths.sft, scorer_compute(cfg).dtype, str(PartialState().device))
+    return LikelihoodReward(model, tokenizer, personas, cfg.likelihood_personas, cfg.copy_penalty,
+                            cfg.repeat_penalty, cfg.score_batch_size)
+
+
+def scorer_compute(cfg) -> Compute:
+    """The likelihood scorer's precision: `reward.precision` on an unquantised model (it trains nothing)."""
+    return resolve_compute("none", cfg.precision, "reward", "adamw_torch")
+
+
+def _stats(scores: dict[str, np.ndarray]) -> dict:
+    both = np.concatenate([scores["chosen"], scores["rejected"]])
+    return {"score_mean": float(both.mean()), "score_std": float(both.std()) or 1.0}
+
+
+def combine(parts: dict[str, dict[str, np.ndarray]], stats: dict[str, dict]) -> dict[str, np.ndarray]:
+    """`both`: per chat, the sum over scorers of (score - its held-out mean) / its held-out std."""
+    return {key: sum((parts[name][key] - stats[name]["score_mean"]) / stats[name]["score_std"] for name in parts)
+            for key in parts["model"]}
+
+
+def train_reward_model(params: Params, paths: Paths, valid_pairs: list[dict], callbacks: tuple):
+    """Train the reward LoRA + head; returns (training metrics, held-out scores, a function that saves the
+    adapter with extra files on rank 0)."""
     from peft import get_peft_model
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     cfg = params.reward
-    pairs_dir, base_path, out_dir = paths.pairs, paths.base, paths.reward
+    pairs_dir, base_path = paths.pairs, paths.base
     checkpoint_dir = paths.checkpoint_dir("reward")
     compute = resolve_compute(cfg.quant, cfg.precision, "reward", cfg.optimizer)
     expected = training.fingerprint(cfg, [pairs_dir / "train.jsonl"], base_path, lora=asdict(params.lora),
                                     max_length=params.model.max_length, seed=params.seed)
     state, resume, live = training.start_run(compute, params.launch.processes, checkpoint_dir, expected,
                                              paths.curves_dir("reward"))
-    started = time.perf_counter()
-    train_pairs, valid_pairs = read_pairs(pairs_dir / "train.jsonl"), read_pairs(pairs_dir / "valid.jsonl")
+    train_pairs = read_pairs(pairs_dir / "train.jsonl")
     set_seed(params.seed)  # the score head is initialised randomly
     model, tokenizer = load_for_training(base_path, compute, cfg.gradient_checkpointing, scalar_head=True)
     layers = model.config.num_hidden_layers
@@ -189,8 +299,9 @@ def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
     train_set = pair_rows(train_pairs, tokenizer, params.model.max_length, pairs_dir / "train.jsonl")
     eval_pairs = valid_pairs[: cfg.max_eval_sequences] if cfg.max_eval_sequences else valid_pairs
     eval_set = pair_rows(eval_pairs, tokenizer, params.model.max_length, pairs_dir / "valid.jsonl")
-    before = held_out_metrics(model, tokenizer, valid_pairs, params.model.max_length, cfg.score_batch_size,
-                              pairs_dir / "valid.jsonl")
+    pair_rows(valid_pairs, tokenizer, params.model.max_length, pairs_dir / "valid.jsonl")  # names a bad row
+    score = model_scorer(model, tokenizer, params.model.max_length, cfg.score_batch_size)
+    before = held_out_metrics(valid_pairs, score_held_out(score, valid_pairs), params.seed)
 
     args = training.trl_config(RewardConfig, cfg, compute, checkpoint_dir, params.seed,
                                max_length=params.model.max_length,
@@ -199,18 +310,18 @@ def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
                                      eval_dataset=eval_set, processing_class=tokenizer)
     ranks = watch_ranks(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
-    after = held_out_metrics(model, tokenizer, valid_pairs, params.model.max_length, cfg.score_batch_size,
-                             pairs_dir / "valid.jsonl")
-    if state.is_main_process:
-        training.drop_finished_checkpoints(checkpoint_dir)
-        save_model(model, tokenizer, out_dir, {REWARD_INFO: json.dumps(
-            {"score_mean": after["score_mean"], "score_std": after["score_std"]}, indent=2)})
+    scores = score_held_out(score, valid_pairs)
+
+    def saved(files: dict[str, str]) -> None:
+        if state.is_main_process:
+            training.drop_finished_checkpoints(checkpoint_dir)
+            save_model(model, tokenizer, paths.reward, files)
+
     runtime = result.metrics["train_runtime"]
     tokens = sum(len(r) for column in ("chosen_ids", "rejected_ids") for r in train_set[column])
     epochs_run = trainer.state.global_step * cfg.batch_size * cfg.grad_accum / max(len(train_set), 1)
-    return {
-        **after, "untrained_accuracy": before["accuracy"],
-        "untrained_accuracy_swap": before["accuracy_swap"],
+    metrics = {
+        "untrained_accuracy": before["accuracy"], "untrained_accuracy_swap": before["accuracy_swap"],
         **run_metrics(compute), **ranks.metrics(state.num_processes),
         "trainable_dtype": str(trainer.trainable_dtype),
         "train_pairs": len(train_set), "steps": trainer.state.global_step,
@@ -218,6 +329,6 @@ def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
         "train_loss": training.logged_train_loss(trainer),
         "lora_top_layers": cfg.lora_top_layers, "trainable_params": trainable,
         "trainable_pct": round(100 * trainable / total, 3),
-        "tokens_per_s": round(tokens * epochs_run / runtime, 1),
-        "train_wall_s": round(runtime, 1), "stage_wall_s": round(time.perf_counter() - started, 1),
+        "tokens_per_s": round(tokens * epochs_run / runtime, 1), "train_wall_s": round(runtime, 1),
     }
+    return metrics, scores, saved

@@ -9,13 +9,35 @@ from likelihood.py so the training stages, which depend on that file, are not in
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
-from persona.chat_format import encode_messages
+from persona.chat_format import encode_messages, messages_for
 from persona.likelihood import collate
 from persona.models import eval_mode
+
+
+class ChatScorer(ABC):
+    """What every reward (persona.reward.load_scorer) offers: `score_chats(chats)`, one float per chat (system
+    persona, history, final assistant reply), and `score(personas, histories, responses)` on plain strings."""
+
+    @abstractmethod
+    def score_chats(self, chats: list[list[dict]]) -> list[float]:
+        """One score per chat, in input order."""
+
+    def score(self, personas: list[list[str]], histories: list[list[str]], responses: list[str]) -> list[float]:
+        """A history is the dialogue so far as plain strings, oldest first, ending with the partner's turn; the
+        response is the persona speaker's next turn."""
+        if not len(personas) == len(histories) == len(responses):
+            raise ValueError("score: personas, histories and responses must have the same length")
+        chats = []
+        for facts, history, response in zip(personas, histories, responses):
+            turns = [(0 if (len(history) - i) % 2 == 0 else 1, text) for i, text in enumerate(history)]
+            chats.append(messages_for(facts, [*turns, (0, response)], 0))
+        return self.score_chats(chats)
 
 
 @dataclass(frozen=True)
@@ -68,7 +90,8 @@ def row_scores(model, rows: list[dict], pad_id: int, batch_size: int) -> list[tu
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
+        batches = range(0, len(order), batch_size)
+        for start in tqdm(batches, desc="score", unit="batch", leave=False, disable=len(batches) < 4):
             chunk = order[start:start + batch_size]
             tensors = (t.to(device) for t in collate([rows[i] for i in chunk], pad_id))
             for i, total, count in zip(chunk, *_sums(model, *tensors)):

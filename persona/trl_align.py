@@ -22,7 +22,7 @@ from persona.hardware import Compute, run_metrics
 from persona.held_out import full_softmax, held_out_prompts
 from persona.models import load_for_training, save_model
 from persona.paths import Paths
-from persona.reward import REWARD_INFO, RewardModel
+from persona.reward import REWARD_INFO, load_scorer
 from persona.seeds import derive_seed
 
 TRAINABLE = "default"  # the adapter TRL trains (saved at models/policy's root); its frozen copy is "ref"
@@ -45,12 +45,12 @@ def run_fingerprint(params: Params, paths: Paths, cfg: TRLAlignConfig, inputs: l
                                 seed=params.seed, processes=params.launch.processes)
 
 
-def load_reward_model(params: Params, paths: Paths, compute: Compute, batch_size: int) -> tuple[RewardModel, dict]:
+def load_reward_model(params: Params, paths: Paths, compute: Compute, batch_size: int) -> tuple[object, dict]:
     """The frozen reward model on this process's device, and its held-out score mean/std (for normalising)."""
     from accelerate import PartialState
 
-    model = RewardModel.load(paths.base, paths.reward, str(PartialState().device), params.model.max_length,
-                             batch_size, torch.bfloat16 if compute.precision == "bf16" else torch.float32)
+    model = load_scorer(paths.base, paths.reward, paths.sft, str(PartialState().device), params.model.max_length,
+                        batch_size, torch.bfloat16 if compute.precision == "bf16" else torch.float32)
     return model, json.loads((paths.reward / REWARD_INFO).read_text())
 
 

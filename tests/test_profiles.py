@@ -19,7 +19,7 @@ from tests.conftest import REPO, SHARED_SPC
 
 T4x2 = Machine(gpus=2, bf16=False, cpus=4)
 A100 = Machine(gpus=1, bf16=True, cpus=12)
-PROFILES = ["a100-80gb", "cpu-quick", "cpu-spc", "gpu-24gb", "kaggle-2xt4"]
+PROFILES = ["a100-80gb", "cpu-quick", "cpu-spc", "cpu-spc-floors", "gpu-24gb", "kaggle-2xt4"]
 
 
 def test_the_committed_params_are_the_cpu_quick_profile(tmp_path):
@@ -33,7 +33,7 @@ def test_the_committed_params_are_the_cpu_quick_profile(tmp_path):
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_applying_a_profile_sets_every_value_and_keeps_comments(tmp_path, name):
-    if name == "cpu-spc":  # its data.source, ../shared/data/synthetic-persona-chat, must exist beside the copy
+    if name.startswith("cpu-spc"):  # its data.source, ../shared/data/synthetic-persona-chat, must exist beside the copy
         if not SHARED_SPC.exists():
             pytest.skip("no shared SPC data beside the repository")
         (tmp_path / "shared").symlink_to(REPO.parent / "shared")
@@ -92,8 +92,18 @@ def test_a_bad_profile_names_its_file_and_key(tmp_path):
         profile_values("typed", tmp_path)
 
 
-@pytest.mark.parametrize("name", ["cpu-spc", "gpu-24gb", "a100-80gb", "kaggle-2xt4"])
+@pytest.mark.parametrize("name", ["cpu-spc-floors", "gpu-24gb", "a100-80gb", "kaggle-2xt4"])
 def test_real_data_profiles_evaluate_enough_to_see_a_difference(name):
     """Issue 14's floor: >= 500 generation prompts, >= 300 likelihood, >= 100 reply Hits@1, >= 30 conversations."""
     cfg = _load(name).evaluate
     assert cfg.n >= 500 and cfg.likelihood_n >= 300 and cfg.hits_n >= 100 and cfg.multiturn_n >= 30
+
+
+def test_a_profile_extends_another(tmp_path):
+    (tmp_path / "parent.yaml").write_text("sft:\n  max_steps: 7\n  lr: 0.5\n")
+    (tmp_path / "child.yaml").write_text("extends: parent\nsft:\n  lr: 0.25\n")
+    values = profile_values("child", tmp_path)
+    assert values["sft"]["max_steps"] == 7 and values["sft"]["lr"] == 0.25
+    assert values["ppo"] == profile_values("parent", tmp_path)["ppo"]
+    spc, floors = profile_values("cpu-spc"), profile_values("cpu-spc-floors")
+    assert {k: v for k, v in floors.items() if k != "evaluate"} == {k: v for k, v in spc.items() if k != "evaluate"}

@@ -16,7 +16,7 @@ from persona.data import load_dialogues, split_by_persona
 from persona.models import lora_config
 from persona.pairs import build_pairs, write_pairs
 from persona.paths import Paths
-from persona.reward import RewardModel, held_out_metrics, reward_chat
+from persona.reward import RewardModel, held_out_metrics, model_scorer, reward_chat, score_held_out
 from tests.conftest import params_with
 
 TINY_REWARD = {"max_steps": 24, "batch_size": 4, "save_steps": 12, "eval_steps": 12, "logging_steps": 4,
@@ -70,9 +70,9 @@ def test_training_widens_the_margin_on_training_pairs(trained, pairs_dir, tiny_m
     pairs = read_pairs(pairs_dir / "train.jsonl")
     torch.manual_seed(0)
     untrained = get_peft_model(_classifier(tiny_model_dir, tokenizer), lora_config(params_with().lora, "SEQ_CLS"))
-    before = held_out_metrics(untrained, tokenizer, pairs, 256, 8, pairs_dir / "train.jsonl")
-    after = held_out_metrics(RewardModel.load(tiny_model_dir, out / "adapter", "cpu").model, tokenizer, pairs, 256, 8,
-                             pairs_dir / "train.jsonl")
+    before = held_out_metrics(pairs, score_held_out(model_scorer(untrained, tokenizer, 256, 8), pairs), seed=0)
+    loaded = RewardModel.load(tiny_model_dir, out / "adapter", "cpu")
+    after = held_out_metrics(pairs, score_held_out(loaded.score_chats, pairs), seed=0)
     assert after["margin"] > before["margin"] + 0.05
     assert after["accuracy"] > before["accuracy"]
 

@@ -35,7 +35,7 @@ from persona.ppo.policy import TRAINABLE, PolicyWithValue, load_policy
 from persona.ppo.rollout import Episode, episode_indices, episodes, pack
 from persona.ppo.sampler import MergedSampler
 from persona.ppo.update import update
-from persona.reward import REWARD_INFO, RewardModel
+from persona.reward import REWARD_INFO, load_scorer
 from persona.seeds import derive_seed
 from persona.training import build_optimizer, open_live, trainable_dtype
 
@@ -114,8 +114,8 @@ def build(params: Params, paths: Paths, compute) -> tuple[Setup, object]:
     accelerator = Accelerator(cpu=compute.device == "cpu", mixed_precision=compute.mixed_precision)
     check_world_size(params.launch.processes, accelerator.num_processes)
     reward_stats = json.loads((paths.reward / REWARD_INFO).read_text()) if cfg.normalize_reward else None
-    reward_model = RewardModel.load(paths.base, paths.reward, str(accelerator.device), params.model.max_length,
-                                    cfg.batch_size, torch.bfloat16 if compute.precision == "bf16" else torch.float32)
+    reward_model = load_scorer(paths.base, paths.reward, paths.sft, str(accelerator.device), params.model.max_length,
+                               cfg.batch_size, torch.bfloat16 if compute.precision == "bf16" else torch.float32)
     policy, tokenizer = load_policy(paths.base, paths.sft, cfg, compute)
     module = PolicyWithValue(policy, policy.config.hidden_size).to(accelerator.device)
     optimizer = build_optimizer(compute.optimizer, [p for p in module.parameters() if p.requires_grad], cfg.lr)

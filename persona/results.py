@@ -1,0 +1,125 @@
+"""README's results tables, written from committed metrics: `python -m persona results` (`--check` compares).
+
+One table per run: the default run's `metrics/`, then every `results/<run>/` folder (a profile's run, its
+metrics copied there by scripts/profile_run.sh). Each gives the policies' headline evaluation metrics with their
+95% CIs (dialogue-clustered) and n, the aligned policy's paired differences against SFT and base, and the reward
+model's held-out accuracies: every figure a reader sees in README comes from a file in git, so the README cannot
+drift from the metrics (tests/test_results.py regenerates it).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from persona.paths import DEFAULT
+
+BEGIN, END = "<!-- results: begin (python -m persona results writes this part) -->", "<!-- results: end -->"
+RESULTS_DIR = Path("results")
+# (key, label) of the evaluation rows; ci: the metric carries `_ci_low` / `_ci_high`
+ROWS = (("persona_gain", "persona likelihood gain (nats/token)"), ("persona_hits1", "persona Hits@1/5"),
+        ("grounded_not_copied", "**grounded and not copied**"), ("fact_copy_rate", "replies copying a fact"),
+        ("facts_copied_mean", "facts copied per reply"), ("grounding_top1", "MiniLM persona top-1"),
+        ("repeated_sentence_rate", "replies repeating a sentence"), ("reward_score", "reward score"),
+        ("gold_perplexity", "gold-reply perplexity"), ("reply_hits1", "reply Hits@1/20"), ("f1", "F1"),
+        ("length_words", "reply length (words)"), ("reward_length_correlation", "reward-length correlation"),
+        ("multiturn_grounding_top1", "5-turn MiniLM persona top-1"))
+PAIRED_ROWS = (("persona_gain", "persona likelihood gain"), ("persona_hits1", "persona Hits@1/5"),
+               ("grounded_not_copied", "grounded and not copied"), ("fact_copy_rate", "replies copying a fact"),
+               ("repeated_sentence_rate", "replies repeating a sentence"), ("reward_score", "reward score"),
+               ("gold_perplexity", "gold-reply NLL (nats/token)"), ("f1", "F1"))
+
+
+def _number(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _cell(block: dict, key: str) -> str:
+    if key not in block or block[key] is None:
+        return "-"
+    text = _number(block[key])
+    if f"{key}_ci_low" in block:
+        text += f" [{_number(block[f'{key}_ci_low'])}, {_number(block[f'{key}_ci_high'])}]"
+    return text
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}" if value else "0.000"
+
+
+def _difference(entry: dict | None) -> str:
+    if not entry or entry.get("diff") is None:
+        return "-"
+    low, high = entry["ci_low"], entry["ci_high"]
+    mark = " *" if low > 0 or high < 0 else ""
+    return f"{_signed(entry['diff'])} [{_signed(low)}, {_signed(high)}]{mark} (n={entry['n']})"
+
+
+def run_section(name: str, folder: Path, shown: Path) -> str:
+    """The markdown of one run's folder of metrics (eval.json, reward.json, align.json), named `shown`."""
+    evaluation = json.loads((folder / "eval.json").read_text())
+    reward = json.loads((folder / "reward.json").read_text())
+    align = json.loads((folder / "align.json").read_text())
+    policies = evaluation["config"]["policies"]
+    aligned = [p for p in policies if p not in ("base", "sft")]
+    lines = [f"**{name}** (`{shown.as_posix()}/`): {evaluation['n_prompts']} test prompts from "
+             f"{evaluation['n_prompt_dialogues']} dialogues; persona likelihood and Hits@1/5 on the first "
+             f"{evaluation['sft'].get('persona_gain_n')} ({evaluation['n_likelihood_dialogues']} dialogues); "
+             f"reply Hits@1/20 on {evaluation['n_hits_dialogues']} dialogues' prompts; 95% CIs resample dialogues.",
+             "", "| metric | " + " | ".join(policies) + " | gold |", "|---" * (len(policies) + 2) + "|"]
+    for key, label in ROWS:
+        cells = [_cell(evaluation[p], key) for p in policies] + [_cell(evaluation["gold"], key)]
+        if any(c != "-" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for policy in aligned:
+        lines += ["", f"Paired on the same prompts, {policy} minus SFT and minus base (`*`: the CI excludes 0):", "",
+                  f"| metric | {policy} - sft | {policy} - base |", "|---|---|---|"]
+        for key, label in PAIRED_ROWS:
+            lines.append(f"| {label} | " + " | ".join(
+                _difference(evaluation["paired"].get(f"{policy}_vs_{other}", {}).get(key))
+                for other in ("sft", "base")) + " |")
+    lines += ["", "Reward (" + reward.get("kind", "model") + f") on {reward['n_pairs']} held-out pairs: accuracy "
+              f"{_number(reward['accuracy'])}; the same reply under its own vs another persona "
+              f"{_cell(reward, 'persona_only_accuracy')} (n={reward['n_swap']}); mismatch pairs "
+              f"{_cell(reward, 'accuracy_mismatch')} (n={reward['n_mismatch']}); length-matched "
+              f"{_number(reward['accuracy_length_matched'])} (n={reward['n_length_matched']})."]
+    gain, algorithm = align.get("reward_gain"), align["algorithm"]
+    if gain is not None:
+        lines.append(f"Align ({algorithm}): held-out reward, SFT {_number(align.get('sft_reward'))} -> "
+                     f"{algorithm} {_number(align.get(algorithm + '_reward'))}, paired gain {_signed(gain)} "
+                     f"[{_signed(align['reward_gain_ci_low'])}, {_signed(align['reward_gain_ci_high'])}] "
+                     f"(n={align.get('eval_prompts')}).")
+    return "\n".join(lines)
+
+
+def runs(root: Path) -> list[tuple[str, Path]]:
+    """(name, folder relative to `root`) of every run with metrics: the default run first."""
+    found = [("default run", DEFAULT.metrics)]
+    if (root / RESULTS_DIR).is_dir():
+        found += [(folder.name, folder.relative_to(root)) for folder in sorted((root / RESULTS_DIR).iterdir())
+                  if (folder / "eval.json").exists()]
+    return found
+
+
+def section(root: Path) -> str:
+    return "\n\n".join(run_section(name, root / folder, folder) for name, folder in runs(root))
+
+
+def rewritten(readme: str, body: str) -> str:
+    head, rest = readme.split(BEGIN, 1)
+    return head + BEGIN + "\n" + body + "\n" + END + rest.split(END, 1)[1]
+
+
+def write(readme: Path, check: bool = False) -> bool:
+    """Rewrite README's results part from the metrics; with `check`, only compare. True if it was up to date."""
+    root = readme.resolve().parent
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme}: no results markers ({BEGIN} ... {END})")
+    new = rewritten(text, section(root))
+    if not check and new != text:
+        readme.write_text(new)
+    return new == text

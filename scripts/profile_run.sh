@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Run the whole pipeline under a profile and keep its metrics in results/<name>/, where
+# `python -m persona results` turns them into README's second table.
+#
+#   scripts/profile_run.sh PROFILE [NAME]      e.g. scripts/profile_run.sh cpu-spc
+#
+# The run happens in a git worktree of HEAD beside this checkout (../<repo>-run-<name>): the committed code, so
+# the results belong to a commit, and this checkout's params.yaml, models and DVC outputs stay as they are. Beside
+# it, a data.source relative to params.yaml (cpu-spc's ../shared/...) names the same folder as here. A second call
+# reuses the worktree (moved to the new HEAD), so DVC reruns only what changed, and a killed stage resumes.
+set -euo pipefail
+profile=${1:?usage: scripts/profile_run.sh PROFILE [NAME]}
+name=${2:-$profile}
+repo=$(git rev-parse --show-toplevel)
+work="$(dirname "$repo")/$(basename "$repo")-run-$name"
+python=${PYTHON:-$repo/.venv/bin/python}
+
+if [ -d "$work" ]; then
+  git -C "$work" checkout --quiet --force --detach "$(git -C "$repo" rev-parse HEAD)"
+else
+  git -C "$repo" worktree add --quiet --detach "$work" HEAD
+fi
+cd "$work"
+"$python" -m persona profile "$profile"
+started=$(date +%s)
+PATH="$(dirname "$python"):$PATH" dvc repro
+wall=$(( $(date +%s) - started ))
+
+out="$repo/results/$name"
+rm -rf "$out" && mkdir -p "$out"
+cp metrics/*.json metrics/report.md metrics/*.png params.yaml "$out/"
+printf '{\n  "profile": "%s",\n  "commit": "%s",\n  "repro_wall_s": %s\n}\n' \
+  "$profile" "$(git rev-parse HEAD)" "$wall" > "$out/run.json"
+echo "results/$name: metrics of profile $profile at $(git rev-parse --short HEAD), dvc repro ${wall}s"

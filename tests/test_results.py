@@ -1,0 +1,40 @@
+"""README's results tables are generated from the committed metrics (`python -m persona results`), and match them."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from persona import results
+from tests.conftest import REPO
+
+
+def test_readme_results_match_the_committed_metrics():
+    assert results.write(REPO / "README.md", check=True), "README.md: run python -m persona results"
+
+
+def test_a_results_folder_gets_its_own_table_and_marks(tmp_path):
+    shutil.copytree(REPO / "metrics", tmp_path / "metrics")
+    spc = tmp_path / "results" / "cpu-spc"
+    spc.mkdir(parents=True)
+    for name in ("eval.json", "reward.json", "align.json"):
+        shutil.copy(REPO / "metrics" / name, spc / name)
+    evaluation = json.loads((spc / "eval.json").read_text())
+    evaluation["paired"]["ppo_vs_sft"]["f1"] = {"diff": 0.5, "ci_low": 0.25, "ci_high": 0.75, "mdd": 0.1, "n": 99}
+    (spc / "eval.json").write_text(json.dumps(evaluation))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{results.BEGIN}\nstale\n{results.END}\nrest\n")
+    assert not results.write(readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{results.END}\nrest\n") and "stale" not in text
+    assert "**default run** (`metrics/`)" in text and "**cpu-spc** (`results/cpu-spc/`)" in text
+    assert "| F1 | +0.500 [+0.250, +0.750] * (n=99) |" in text
+    assert results.write(readme, check=True)
+
+
+def test_missing_markers_are_named(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no results markers"):
+        results.write(readme)
