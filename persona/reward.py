@@ -235,10 +235,16 @@ def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
     else:
         from accelerate import PartialState
 
-        if PartialState().is_main_process:
+        main = PartialState().is_main_process
+        if main:
             with replace_folder(paths.reward) as folder:
                 for name, content in files.items():
                     (folder / name).write_text(content)
+        live = training.open_live(paths.curves_dir("reward"), main)
+        if live is not None:  # nothing trains: the curves are the held-out figures, one point at step 0
+            for key in ("accuracy", "margin"):
+                live.log_metric(f"eval/{key}", held[key])
+            live.end()
         out = run_metrics(scorer_compute(cfg))
     return {**out, **held, "kind": cfg.kind, "stage_wall_s": round(time.perf_counter() - started, 1)}
 

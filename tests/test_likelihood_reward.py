@@ -89,7 +89,7 @@ def stage_inputs(tiny_model_dir, tokenizer, tmp_path_factory) -> Path:
 
 def stage_paths(root: Path, tiny_model_dir: Path, sft_adapter: Path, out: Path) -> Paths:
     return Paths(prepared=root / "prepared", pairs=root / "pairs", base=tiny_model_dir, sft=sft_adapter,
-                 reward=out / "reward", checkpoints=out / "ckpt", curves=None)
+                 reward=out / "reward", checkpoints=out / "ckpt", curves=out / "live")
 
 
 def test_likelihood_reward_stage_saves_a_scorer_align_and_evaluate_load(stage_inputs, tiny_model_dir, sft_adapter,
@@ -102,6 +102,8 @@ def test_likelihood_reward_stage_saves_a_scorer_align_and_evaluate_load(stage_in
     assert metrics["persona_only_accuracy_ci_low"] <= metrics["persona_only_accuracy"] \
         <= metrics["persona_only_accuracy_ci_high"]
     assert "accuracy_mismatch_ci_low" in metrics
+    curves = tmp_path / "live" / "reward" / "plots" / "metrics" / "eval"  # the outputs dvc.yaml declares exist
+    assert sorted(p.name for p in curves.iterdir()) == ["accuracy.tsv", "margin.tsv"]
     assert sorted(p.name for p in paths.reward.iterdir()) == [CONFIG, reward_stage.REWARD_INFO]
     loaded = load_scorer(tiny_model_dir, paths.reward, sft_adapter, "cpu", batch_size=4)
     assert isinstance(loaded, LikelihoodReward) and loaded.k == 2
