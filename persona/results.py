@@ -95,6 +95,55 @@ def run_section(name: str, folder: Path, shown: Path) -> str:
     return "\n".join(lines)
 
 
+def criteria(evaluation: dict, policy: str) -> dict[str, bool | None]:
+    """Issue 15's bar for an aligned policy against SFT, on one run's test split (None: not measured)."""
+    mine, sft, gold = evaluation[policy], evaluation["sft"], evaluation["gold"]
+    paired = evaluation["paired"].get(f"{policy}_vs_sft", {})
+
+    def beats(key: str) -> bool | None:
+        entry = paired.get(key)
+        return None if not entry or entry.get("ci_low") is None else entry["ci_low"] > 0
+
+    def at_most(value, bound) -> bool | None:  # metrics carry 4 decimals: compare there, not at float noise
+        return None if value is None or bound is None else value <= round(bound, 4)
+
+    correlation = mine.get("reward_length_correlation")
+    return {"beats SFT on persona Hits@1 (CI)": beats("persona_hits1"),
+            "beats SFT on likelihood gain (CI)": beats("persona_gain"),
+            "copies <= gold + 0.05": at_most(mine.get("fact_copy_rate"), gold.get("fact_copy_rate", 0) + 0.05),
+            "perplexity <= 1.05 x SFT": at_most(mine.get("gold_perplexity"), 1.05 * sft["gold_perplexity"]),
+            "length-reward r in [-0.3, 0.3]": None if correlation is None else abs(correlation) <= 0.3,
+            "repeats <= gold + 0.02": at_most(mine.get("repeated_sentence_rate"),
+                                              gold.get("repeated_sentence_rate", 0) + 0.02)}
+
+
+def comparison(root: Path) -> str:
+    """One row per run's aligned policy: persona use against SFT (paired), recitation, quality, cost, and how
+    many of issue 15's criteria it meets."""
+    lines = ["| run | algorithm | reward | likelihood gain - SFT | persona Hits@1 - SFT | grounded, not copied - SFT "
+             "| copies a fact (gold) | perplexity / SFT | repeats (gold) | align wall, peak | criteria met |",
+             "|---" * 11 + "|"]
+    for name, folder in runs(root):
+        evaluation = json.loads((root / folder / "eval.json").read_text())
+        align = json.loads((root / folder / "align.json").read_text())
+        kind = json.loads((root / folder / "reward.json").read_text()).get("kind", "model")
+        for policy in [p for p in evaluation["config"]["policies"] if p not in ("base", "sft")]:
+            paired = evaluation["paired"].get(f"{policy}_vs_sft", {})
+            mine, gold = evaluation[policy], evaluation["gold"]
+            met = criteria(evaluation, policy)
+            lines.append(" | ".join([
+                f"| {name}", policy, kind, *(_difference(paired.get(k)) for k in
+                                              ("persona_gain", "persona_hits1", "grounded_not_copied")),
+                f"{_number(mine.get('fact_copy_rate'))} ({_number(gold.get('fact_copy_rate'))})",
+                _number(mine["gold_perplexity"] / evaluation["sft"]["gold_perplexity"]),
+                f"{_number(mine.get('repeated_sentence_rate'))} ({_number(gold.get('repeated_sentence_rate'))})",
+                f"{align.get('wall_s', 0) / 60:.0f} min, {align.get('peak_memory_mb', 0) / 1024:.1f} GB",
+                f"{sum(v is True for v in met.values())}/{len(met)}: "
+                + ", ".join(k for k, v in met.items() if v is not True) + (" missed" if not all(met.values()) else "")
+            ]) + " |")
+    return "\n".join(lines)
+
+
 def runs(root: Path) -> list[tuple[str, Path]]:
     """(name, folder relative to `root`) of every run with metrics: the default run first."""
     found = [("default run", DEFAULT.metrics)]
@@ -105,7 +154,10 @@ def runs(root: Path) -> list[tuple[str, Path]]:
 
 
 def section(root: Path) -> str:
-    return "\n\n".join(run_section(name, root / folder, folder) for name, folder in runs(root))
+    tables = [run_section(name, root / folder, folder) for name, folder in runs(root)]
+    return "\n\n".join([*tables, "Every run's aligned policy against issue 15's bar (paired differences with "
+                         "dialogue-clustered 95% CIs, `*` excludes 0; criteria not met are named):", "",
+                         comparison(root)])
 
 
 def rewritten(readme: str, body: str) -> str:

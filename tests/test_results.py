@@ -38,3 +38,14 @@ def test_missing_markers_are_named(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="no results markers"):
         results.write(readme)
+
+
+def test_issue_15_criteria_read_the_paired_cis_and_the_gold_bounds():
+    paired = {"persona_hits1": {"diff": 0.1, "ci_low": 0.02, "ci_high": 0.2, "n": 300},
+              "persona_gain": {"diff": 0.1, "ci_low": -0.01, "ci_high": 0.2, "n": 300}}
+    evaluation = {"paired": {"ppo_vs_sft": paired},
+                  "sft": {"gold_perplexity": 10.0},
+                  "gold": {"fact_copy_rate": 0.12, "repeated_sentence_rate": 0.0},
+                  "ppo": {"fact_copy_rate": 0.17, "gold_perplexity": 10.6, "reward_length_correlation": -0.31,
+                          "repeated_sentence_rate": 0.02}}
+    assert list(results.criteria(evaluation, "ppo").values()) == [True, False, True, False, False, True]
