@@ -58,12 +58,12 @@ def evaluate_command(args) -> None:
     from persona.evaluate import evaluate, write_outputs
 
     params = runner.start(args.params)
-    cfg = params.evaluate
     overrides = {"n": args.n} if args.n else {}
     if args.policies:
         overrides["policies"] = [p.strip() for p in args.policies.split(",") if p.strip()]
-    cfg = dataclasses.replace(cfg, **overrides)
-    cfg.validate()
+    params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, **overrides))
+    params.validate(Path(args.params).resolve().parent)
+    cfg = dataclasses.replace(params.evaluate, policies=params.evaluated_policies())
     dialogues = dialogues_for(args.data, args.split, params)
     adapters = {"sft": args.sft, params.align.algorithm: args.policy}
     reward = Path(args.reward) if args.reward else None

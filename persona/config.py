@@ -19,7 +19,8 @@ import yaml
 BUNDLED_MODELS = ("smollm2-135m-instruct",)
 DATA_SOURCES = ("sample", "hub")
 ALGORITHMS = ("ppo", "dpo", "grpo")  # what the `align` stage can run
-POLICIES = ("base", "sft", *ALGORITHMS)  # base model, + SFT adapter, + the aligned adapter under its algorithm
+# base model, + SFT adapter, + the aligned adapter: `aligned` (whatever align.algorithm trains) or its algorithm's name
+POLICIES = ("base", "sft", "aligned", *ALGORITHMS)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 Quant = Literal["auto", "nf4", "none"]
@@ -313,7 +314,7 @@ class AlignConfig:
 class EvaluateConfig:
     """Held-out evaluation; each `*_n` bounds one family of metrics so CPU runs stay short."""
     split: Literal["test", "valid"] = "test"
-    policies: list[str] = field(default_factory=lambda: ["base", "sft", "ppo"])
+    policies: list[str] = field(default_factory=lambda: ["base", "sft", "aligned"])
     n: int = 32
     likelihood_n: int = 16
     persona_candidates: int = 5
@@ -394,8 +395,14 @@ class Params:
         self.grpo.validate("grpo")
         self.evaluate.validate()
         for name in self.evaluate.policies:
-            _check(name in ("base", "sft", self.align.algorithm), "evaluate.policies",
+            _check(name in ("base", "sft", "aligned", self.align.algorithm), "evaluate.policies",
                    f"{name!r} is not trained by this pipeline (align.algorithm: {self.align.algorithm})")
+        resolved = self.evaluated_policies()
+        _check(len(set(resolved)) == len(resolved), "evaluate.policies", f"names a policy twice: {resolved}")
+
+    def evaluated_policies(self) -> list[str]:
+        """`evaluate.policies` with `aligned` named after align.algorithm, as the metrics call it."""
+        return [self.align.algorithm if name == "aligned" else name for name in self.evaluate.policies]
 
     def training_section(self, stage: str) -> str:
         """The params section with a training stage's quant/precision/optimizer: `align` reads its algorithm's."""

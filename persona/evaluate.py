@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -373,7 +373,7 @@ def evaluate(dialogues: list[Dialogue], cfg: EvaluateConfig, base_path: Path, ad
 def run(params: Params, paths: Paths = DEFAULT) -> dict:
     """The `evaluate` stage: every policy of `evaluate.policies` on the held-out split. Writes the samples,
     report, bar data and chart; returns the content of metrics/eval.json."""
-    cfg = params.evaluate
+    cfg = replace(params.evaluate, policies=params.evaluated_policies())
     dialogues = read_dialogues(paths.prepared / f"{cfg.split}.jsonl")
     result, samples = evaluate(dialogues, cfg, paths.base, paths.adapters(params.align.algorithm),
                                params.model.max_length, params.seed, reward_path=paths.reward)

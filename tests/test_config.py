@@ -192,3 +192,11 @@ def test_negative_seed_stops_a_stage_before_any_work(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: seed: -1 is outside 0 .. 2**32-1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_aligned_names_whatever_align_trains(tmp_path):
+    params = load_params(write_params(tmp_path, **{"align.algorithm": "dpo"}))
+    assert params.evaluate.policies == ["base", "sft", "aligned"] and params.evaluated_policies() == ["base", "sft",
+                                                                                                     "dpo"]
+    assert_rejected(write_params(tmp_path, **{"evaluate.policies": ["sft", "aligned", "ppo"]}), "evaluate.policies")
+    assert_rejected(write_params(tmp_path, **{"evaluate.policies": ["sft", "grpo"]}), "evaluate.policies")
