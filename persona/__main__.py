@@ -67,7 +67,7 @@ def evaluate_command(args) -> None:
     dialogues = dialogues_for(args.data, args.split, params)
     adapters = {"sft": args.sft, params.align.algorithm: args.policy}
     reward = Path(args.reward) if args.reward else None
-    result, samples = evaluate(dialogues, cfg, args.base, adapters, params.model.max_length, params.seed, reward)
+    result, samples, _ = evaluate(dialogues, cfg, args.base, adapters, params.model.max_length, params.seed, reward)
     out = args.out
     runner.write_metrics(out, result)
     write_outputs(result, samples, out.with_suffix(".samples.jsonl"), out.with_suffix(".md"))

@@ -14,6 +14,7 @@ prompts (`paired`), with the same clustered CIs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -331,11 +332,14 @@ def gold_block(context: dict, cfg: EvaluateConfig) -> dict:
 
 
 def evaluate(dialogues: list[Dialogue], cfg: EvaluateConfig, base_path: Path, adapters: dict[str, Path],
-             max_length: int, seed: int, reward_path: Path | None = None) -> tuple[dict, list[dict]]:
-    """Evaluate `cfg.policies`; returns (eval.json content, per-prompt sample records).
+             max_length: int, seed: int, reward_path: Path | None = None, reference: dict | None = None
+             ) -> tuple[dict, list[dict], dict[str, dict[str, list[float]]]]:
+    """Evaluate `cfg.policies`; returns (eval.json content, per-prompt sample records, per-item values by policy).
 
-    With `reward_path`, replies also get the reward model's score: what PPO optimised, so a
-    check that it transferred to held-out personas, not an independent judge.
+    With `reward_path`, replies also get the reward stage's score: what alignment optimised, so a check that it
+    transferred to held-out personas, not an independent judge. `reference`: what `evaluate_reference` saved for
+    other policies on the same prompts (its metrics, and its `per` values and reply `records`): they join this
+    run's policies in the report and the paired comparisons, and its gold block is reused.
     """
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -344,15 +348,25 @@ def evaluate(dialogues: list[Dialogue], cfg: EvaluateConfig, base_path: Path, ad
         if reward_path is not None else None
     context = build_context(dialogues, tokenizer, cfg, max_length, seed, reward)
     prompts, clusters = context["prompts"], context["clusters"]
-    result = {"n_prompts": len(prompts), "n_dialogues": len(dialogues),
+    digest = hashlib.sha256(json.dumps([[p.dialogue, p.gold] for p in prompts]).encode()).hexdigest()[:16]
+    if reference is not None and reference["result"]["prompts_digest"] != digest:
+        raise ConfigError("evaluate: metrics/eval_reference.json was made on other prompts (other data, seed or "
+                          "evaluate params); rerun its stage: dvc repro evaluate_reference")
+    result = {"n_prompts": len(prompts), "n_dialogues": len(dialogues), "prompts_digest": digest,
               # the clusters the CIs resample: dialogues the prompts of each family come from
               "n_prompt_dialogues": len(set(clusters["prompts"])),
               "n_likelihood_dialogues": len(set(clusters["likelihood"])),
               "n_hits_dialogues": len(set(clusters["hits"])),
-              "time_setup_s": round(time.perf_counter() - started, 1), "gold": gold_block(context, cfg)}
+              "time_setup_s": round(time.perf_counter() - started, 1),
+              "gold": reference["result"]["gold"] if reference is not None else gold_block(context, cfg)}
     samples = [{"dialogue": p.dialogue, "persona": p.facts, "history": p.history, "gold": p.gold,
                 "persona_relevant": r} for p, r in zip(prompts, context["relevant"])]
     per = {}
+    earlier = reference["result"]["config"]["policies"] if reference is not None else []
+    for name in earlier:
+        result[name], per[name] = reference["result"][name], reference["per"][name]
+        for sample, record in zip(samples, reference["records"][name]):
+            sample[name] = record
     for name in tqdm(cfg.policies, desc="policies"):
         mark = time.perf_counter()
         with policy(model, name) as active:
@@ -365,18 +379,42 @@ def evaluate(dialogues: list[Dialogue], cfg: EvaluateConfig, base_path: Path, ad
     result["unavailable"] = {
         **({"reward_score": "no reward model given (evaluate ... --reward models/reward)"} if reward is None else {}),
         **({"nli": context["nli_reason"]} if context["nli"] is None else {})}
-    result["config"] = asdict(cfg)
+    result["config"] = {**asdict(cfg), "policies": [*earlier, *cfg.policies]}
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    return result, samples
+    return result, samples, per
+
+
+REFERENCE_POLICIES = ("base", "sft")  # what no align experiment changes: the evaluate_reference stage's
+
+
+def run_reference(params: Params, paths: Paths = DEFAULT) -> dict:
+    """The `evaluate_reference` stage: base and SFT, as far as `evaluate.policies` names them. No align experiment
+    changes them, so `dvc exp run -S align.algorithm=dpo` reruns only `evaluate`, which adds the aligned policy.
+    Writes their per-item values and replies; returns the content of metrics/eval_reference.json."""
+    # not params.evaluated_policies(): reading align.algorithm would make an align experiment rerun this stage
+    cfg = replace(params.evaluate, policies=[p for p in params.evaluate.policies if p in REFERENCE_POLICIES])
+    dialogues = read_dialogues(paths.prepared / f"{cfg.split}.jsonl")
+    result, samples, per = evaluate(dialogues, cfg, paths.base, {"sft": paths.sft}, params.model.max_length,
+                                    params.seed, reward_path=paths.reward)
+    write_text_atomic(paths.eval_reference_items, json.dumps(reference_items(samples, per, cfg.policies)) + "\n")
+    result["paired"] = {}  # evaluate pairs every policy, these included
+    return result
+
+
+def reference_items(samples: list[dict], per: dict, policies: list[str]) -> dict:
+    """What `evaluate` needs of evaluate_reference's policies beside their metrics: per-item values, replies."""
+    return {"per": per, "records": {name: [sample[name] for sample in samples] for name in policies}}
 
 
 def run(params: Params, paths: Paths = DEFAULT) -> dict:
-    """The `evaluate` stage: every policy of `evaluate.policies` on the held-out split. Writes the samples,
-    report, bar data and chart; returns the content of metrics/eval.json."""
-    cfg = replace(params.evaluate, policies=params.evaluated_policies())
+    """The `evaluate` stage: the aligned policy of `evaluate.policies` beside evaluate_reference's base and SFT on
+    the held-out split. Writes the samples, report, bar data and chart; returns the content of metrics/eval.json."""
+    cfg = replace(params.evaluate, policies=[p for p in params.evaluated_policies() if p not in REFERENCE_POLICIES])
+    reference = {"result": json.loads(paths.metrics_file("evaluate_reference").read_text()),
+                 **json.loads(paths.eval_reference_items.read_text())}
     dialogues = read_dialogues(paths.prepared / f"{cfg.split}.jsonl")
-    result, samples = evaluate(dialogues, cfg, paths.base, paths.adapters(params.align.algorithm),
-                               params.model.max_length, params.seed, reward_path=paths.reward)
+    result, samples, _ = evaluate(dialogues, cfg, paths.base, paths.adapters(params.align.algorithm),
+                                  params.model.max_length, params.seed, reward_path=paths.reward, reference=reference)
     result["versions"] = library_versions()  # as in the training stages' metrics (persona.hardware.run_metrics)
     write_outputs(result, samples, paths.eval_samples, paths.eval_report, paths.eval_bars, paths.eval_chart)
     return result

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The DVC stages in pipeline order. The aligned-policy stage is `align` whatever its algorithm, and its
-# adapter is evaluated under the algorithm's name (`align.algorithm`).
-STAGES = ("prepare", "base", "sft", "pairs", "reward", "align", "evaluate")
+# adapter is evaluated under the algorithm's name (`align.algorithm`). Base and SFT are evaluated in their own
+# stage, `evaluate_reference`, which no align experiment invalidates; `evaluate` adds the aligned policy.
+STAGES = ("prepare", "base", "sft", "pairs", "reward", "align", "evaluate_reference", "evaluate")
 TRAINING_STAGES = ("sft", "reward", "align")  # started by `python -m persona.launch stages.NAME`
 METRICS_FILES = {"prepare": "data.json", "base": "base.json", "sft": "sft.json", "pairs": "pairs.json",
-                 "reward": "reward.json", "align": "align.json", "evaluate": "eval.json"}
+                 "reward": "reward.json", "align": "align.json", "evaluate_reference": "eval_reference.json",
+                 "evaluate": "eval.json"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class Paths:
     reward: Path = Path("models/reward")
     policy: Path = Path("models/policy")  # the aligned policy's adapter
     metrics: Path = Path("metrics")
+    # base's and SFT's per-item values and replies, for the evaluate stage's paired comparisons and samples
+    eval_reference_items: Path = Path("metrics/eval_reference_items.json")
     eval_samples: Path = Path("metrics/eval_samples.jsonl")  # the evaluate stage's per-prompt replies
     eval_report: Path = Path("metrics/report.md")
     eval_bars: Path = Path("metrics/eval_bars.csv")  # `dvc plots` data

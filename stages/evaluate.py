@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: base vs SFT vs the aligned policy on held-out personas -> metrics/eval.json + report."""
+"""DVC stage `evaluate`: the aligned policy beside evaluate_reference's base and SFT -> metrics/eval.json + report."""
 from persona.evaluate import run
 from persona.runner import main
 

@@ -111,6 +111,7 @@ def metrics(stage: str) -> set[str]:
 def test_outputs_and_metrics_are_the_paths_module_names():
     expected_outs = {"prepare": {DEFAULT.prepared}, "base": {DEFAULT.base}, "sft": {DEFAULT.sft},
                      "pairs": {DEFAULT.pairs}, "reward": {DEFAULT.reward}, "align": {DEFAULT.policy},
+                     "evaluate_reference": {DEFAULT.eval_reference_items},
                      "evaluate": {DEFAULT.eval_samples, DEFAULT.eval_report, DEFAULT.eval_chart}}
     for stage in STAGES:
         assert outputs(stage) == {p.as_posix() for p in expected_outs[stage]}, stage
@@ -124,7 +125,7 @@ def test_data_deps_are_what_each_stage_reads():
     for stage in STAGES:
         data_deps = {d for d in listed_deps(stage) if not d.startswith(("persona/", "stages/"))}
         assert data_deps <= produced, f"{stage} reads {data_deps - produced}, which no earlier stage writes"
-        produced |= outputs(stage)
+        produced |= outputs(stage) | metrics(stage)  # evaluate reads evaluate_reference's metrics
 
 
 def test_training_stages_start_through_the_launcher_and_the_rest_directly():

@@ -89,7 +89,7 @@ def test_identical_persona_candidates_give_zero_gain(tiny_model_dir, test_dialog
 
 def run_evaluate(test_dialogues, tiny_model_dir, sft_adapter, **changes):
     cfg = dataclasses.replace(params_with(evaluate=SMALL).evaluate, **changes)
-    return evaluate(test_dialogues, cfg, tiny_model_dir, {"sft": sft_adapter}, 256, seed=0)
+    return evaluate(test_dialogues, cfg, tiny_model_dir, {"sft": sft_adapter}, 256, seed=0)[:2]
 
 
 def test_evaluate_writes_every_output_with_cis(test_dialogues, tiny_model_dir, sft_adapter, tmp_path):
@@ -220,3 +220,24 @@ def test_evaluation_scoring_matches_full_logits_in_float64(tiny_model_dir, test_
     assert isinstance(shared_set, scoring.CandidateSet) and len(shared_set.rows) == 4
     shared = scoring.candidate_logprobs(model, shared_set, tokenizer.pad_token_id, batch_size=3)
     assert plain == pytest.approx(expected, abs=1e-9) and shared == pytest.approx(expected, abs=1e-9)
+
+
+def test_the_reference_stage_and_evaluate_give_what_one_pass_gives(test_dialogues, tiny_model_dir, sft_adapter):
+    """evaluate_reference's part (base here) then evaluate's (sft beside it) = one evaluation of both, timings aside."""
+    from persona.evaluate import reference_items
+
+    both = dataclasses.replace(params_with(evaluate=SMALL).evaluate, policies=["base", "sft"])
+    one_pass, samples, _ = evaluate(test_dialogues, both, tiny_model_dir, {"sft": sft_adapter}, 256, seed=0)
+    first, first_samples, per = evaluate(test_dialogues, dataclasses.replace(both, policies=["base"]),
+                                         tiny_model_dir, {"sft": sft_adapter}, 256, seed=0)
+    reference = json.loads(json.dumps({"result": first, **reference_items(first_samples, per, ["base"])}))
+    split, split_samples, _ = evaluate(test_dialogues, dataclasses.replace(both, policies=["sft"]), tiny_model_dir,
+                                       {"sft": sft_adapter}, 256, seed=0, reference=reference)
+    strip = lambda block: {k: v for k, v in block.items()
+                           if not (k.startswith("time_") or k.endswith(("_per_s", "wall_s")))}
+    for key in ("base", "sft", "gold", "paired", "config"):
+        assert json.loads(json.dumps(strip(split[key]))) == json.loads(json.dumps(strip(one_pass[key]))), key
+    assert json.loads(json.dumps(split_samples)) == json.loads(json.dumps(samples))
+    with pytest.raises(ConfigError, match="other prompts"):
+        evaluate(test_dialogues, dataclasses.replace(both, policies=["sft"], n=5), tiny_model_dir,
+                 {"sft": sft_adapter}, 256, seed=0, reference=reference)

@@ -206,6 +206,18 @@ def test_sft_param_change_reruns_only_sft_and_what_follows(project):
     assert "eval_nll" in diff["metrics/sft.json"]
 
 
+def test_an_align_experiment_reevaluates_only_the_aligned_policy(project):
+    """Base and SFT are evaluated in their own stage: changing the aligned policy leaves it alone (a dry run)."""
+    before = (project / "params.yaml").read_text()
+    try:
+        set_params(project, ppo={"lr": 1e-3})
+        out = sh("dvc", "repro", "--dry", cwd=project)
+    finally:
+        (project / "params.yaml").write_text(before)
+    assert "Running stage 'align'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'evaluate_reference'" not in out and "Running stage 'reward'" not in out
+
+
 def test_reward_param_change_reruns_only_reward_and_what_follows(project):
     """A dry run: DVC reruns what follows a changed stage (the sft test above runs it); here, nothing before it."""
     assert change_param(project, reward={"lr": 5e-3}) == {"reward"}
