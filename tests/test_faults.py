@@ -149,7 +149,8 @@ def test_reward_trains_fp32_weights_in_nf4(tiny_model_dir, tokenizer, tmp_path):
     """The same for TRL's RewardTrainer: nf4 base, fp32 precision, every trainable weight fp32 at step 0."""
     pytest.importorskip("bitsandbytes")
     from persona.pairs import write_pairs
-    pair = {"facts": ["I have two dogs."], "history": [[1, "any pets?"]], "speaker": 0, "strategy": "swap",
+    pair = {"dialogue": "d0", "facts": ["I have two dogs."], "history": [[1, "any pets?"]], "speaker": 0,
+            "strategy": "swap",
             "chosen": "yes, two dogs.", "rejected": "no pets.", "other_facts": ["I am a nurse."]}
     for split in ("train", "valid"):
         write_pairs([pair] * 4, tmp_path / "pairs" / f"{split}.jsonl")

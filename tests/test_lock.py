@@ -10,6 +10,7 @@ from packaging.utils import canonicalize_name
 
 from persona import evaluate, hardware
 from persona.hardware import Compute, run_metrics
+from persona.paths import Paths
 from tests.conftest import REPO, params_with
 
 # What the issue asks every training and evaluation metrics file to record.
@@ -67,11 +68,15 @@ def test_training_metrics_carry_the_library_versions(monkeypatch):
     assert hardware.library_versions()["no-such-library"] is None
 
 
-def test_eval_metrics_carry_the_library_versions(monkeypatch):
+def test_eval_metrics_carry_the_library_versions(monkeypatch, tmp_path):
     # Only run()'s own work: no model is loaded and nothing is written.
     monkeypatch.setattr(evaluate, "read_dialogues", lambda path: [])
-    monkeypatch.setattr(evaluate, "evaluate", lambda *args, **kwargs: ({"n_prompts": 0}, []))
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args, **kwargs: ({"n_prompts": 0}, [], {}))
     monkeypatch.setattr(evaluate, "write_outputs", lambda *args: None)
-    result = evaluate.run(params_with())
+    paths = Paths.under(tmp_path)
+    paths.metrics.mkdir()
+    for reference in (paths.metrics_file("evaluate_reference"), paths.eval_reference_items):
+        reference.write_text("{}")
+    result = evaluate.run(params_with(), paths)
     assert set(result["versions"]) == TRACKED
     assert result["versions"]["peft"] == importlib.metadata.version("peft")
