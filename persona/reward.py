@@ -150,8 +150,10 @@ def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int) -> list
 def held_out_chats(pairs: list[dict]) -> dict[str, list[list[dict]]]:
     """The chats held-out pairs are scored on: each side under the true persona, and each swap pair's chosen
     reply under the other persona (for persona_only_accuracy)."""
-    chats = {side: [reward_chat(p["facts"], p["history"], p["speaker"], p[side]) for p in pairs]
-             for side in ("chosen", "rejected")}
+    chats = {"chosen": [reward_chat(p["facts"], p["history"], p["speaker"], p["chosen"]) for p in pairs],
+             # a mismatch pair's rejected side is the same reply under another persona (pair_rows, as trained)
+             "rejected": [reward_chat(p.get("rejected_facts", p["facts"]), p["history"], p["speaker"], p["rejected"])
+                          for p in pairs]}
     chats["swapped"] = [reward_chat(p["other_facts"], p["history"], p["speaker"], p["chosen"])
                         for p in pairs if p["strategy"] == "swap"]
     return chats

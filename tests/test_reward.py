@@ -172,3 +172,15 @@ def test_a_reply_too_long_for_the_model_names_its_row(pairs_dir, tiny_model_dir,
     params = params_with(reward={**TINY_REWARD, "max_steps": 1}, model={"max_length": 24})
     with pytest.raises(ConfigError, match=r"train\.jsonl:1 \(chosen reply\): model\.max_length: 24 tokens"):
         train(params, pairs_dir, tiny_model_dir, tmp_path)
+
+
+def test_held_out_chats_score_mismatch_pairs_as_they_were_trained(pairs_dir, tokenizer):
+    """The same reply both sides: the rejected side is read under the pair's other persona, as pair_rows encodes it."""
+    from persona.pairs import read_pairs
+    pairs = [p for p in read_pairs(pairs_dir / "valid.jsonl") if p["strategy"] == "mismatch"]
+    chats = reward_stage.held_out_chats(pairs)
+    rows = reward_stage.pair_rows(pairs, tokenizer, 256, pairs_dir / "valid.jsonl")
+    for i, pair in enumerate(pairs):
+        assert chats["chosen"][i] != chats["rejected"][i] and chats["rejected"][i][0]["content"].endswith(
+            pair["rejected_facts"][-1])
+        assert reward_stage.encode_chat(tokenizer, chats["rejected"][i], 256) == rows["rejected_ids"][i]
