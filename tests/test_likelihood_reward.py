@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
+from persona import grpo
 from persona import reward as reward_stage
 from persona.chat_format import messages_for, persona_prompt
 from persona.config import PairShares
@@ -18,6 +19,7 @@ from persona.data import load_dialogues, persona_key, split_by_persona
 from persona.likelihood_reward import CONFIG, LikelihoodReward, facts_of, load_sft_merged
 from persona.pairs import build_pairs, read_pairs, write_pairs
 from persona.paths import Paths
+from persona.ppo.checkpoint import run_fingerprint
 from persona.reward import CombinedReward, load_scorer
 from persona.scoring import chat_rows, mean_logprobs
 from tests.conftest import params_with
@@ -112,6 +114,12 @@ def test_likelihood_reward_stage_saves_a_scorer_align_and_evaluate_load(stage_in
     info = json.loads((paths.reward / reward_stage.REWARD_INFO).read_text())
     assert info["kind"] == "likelihood" and info["score_std"] > 0
     assert len(scores) == 12 and len({round(s, 5) for s in scores}) > 1
+    # a checkpoint of a policy trained against this scorer depends on its config (there is no reward adapter)
+    for fingerprint in (lambda p: run_fingerprint(p, paths, 1), lambda p: grpo.fingerprint(p, paths)):
+        before = fingerprint(params)
+        assert fingerprint(params) == before
+        (paths.reward / CONFIG).write_text((paths.reward / CONFIG).read_text() + " ")
+        assert fingerprint(params) != before
 
     other = tmp_path / "other-sft"  # an SFT adapter other than the one the reward was made with is refused
     shutil.copytree(sft_adapter, other)
