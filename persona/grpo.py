@@ -127,9 +127,7 @@ def watch_ranks(trainer) -> RankAgreement:
 
 def fingerprint(params: Params, paths: Paths) -> dict:
     """What a GRPO checkpoint depends on: a checkpoint with another fingerprint is not resumed."""
-    # every file of the saved scorer: a reward model's adapter, or the likelihood reward's config (it has no adapter)
-    scorer = sorted(f for f in paths.reward.iterdir() if f.is_file())
-    return trl_align.run_fingerprint(params, paths, params.grpo, [paths.prepared / "train.jsonl", *scorer])
+    return trl_align.run_fingerprint(params, paths, params.grpo, [paths.prepared / "train.jsonl", paths.reward])
 
 
 def train_grpo(params: Params, paths: Paths, stop_after: int | None = None) -> dict:

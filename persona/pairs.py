@@ -228,8 +228,9 @@ def read_pairs(path: Path) -> list[dict]:
     for number, line in enumerate(path.open(), 1):
         try:
             pair = json.loads(line)
-            if not {"facts", "history", "chosen", "rejected", "strategy"} <= set(pair):
-                raise ValueError("missing keys")
+            missing = {"dialogue", "facts", "history", "speaker", "chosen", "rejected", "strategy"} - set(pair)
+            if missing:
+                raise ValueError(f"missing {', '.join(sorted(missing))}")
         except ValueError as error:
             raise MalformedRowError(f"{path}:{number}: not a preference pair ({error})") from None
         pair["history"] = [tuple(turn) for turn in pair["history"]]

@@ -23,6 +23,7 @@ import torch
 from persona import training
 from persona.chat_format import encode_messages, messages_for
 from persona.config import ConfigError, Params
+from persona.data import read_dialogues
 from persona.distributed import watch_ranks
 from persona.files import replace_folder
 from persona.hardware import Compute, resolve_compute, run_metrics
@@ -62,10 +63,8 @@ def pair_rows(pairs: list[dict], tokenizer, max_length: int, source: Path):
     rows = {"chosen_ids": [], "rejected_ids": []}
     for line, pair in enumerate(pairs, 1):
         for side in ("chosen", "rejected"):
-            facts = pair.get("rejected_facts", pair["facts"]) if side == "rejected" else pair["facts"]
-            chat = reward_chat(facts, pair["history"], pair["speaker"], pair[side])
             try:
-                rows[f"{side}_ids"].append(encode_chat(tokenizer, chat, max_length))
+                rows[f"{side}_ids"].append(encode_chat(tokenizer, pair_chat(pair, side), max_length))
             except ConfigError as error:
                 raise ConfigError(f"{source}:{line} ({side} reply): {error}") from None
     return Dataset.from_dict(rows)
@@ -105,6 +104,13 @@ class RewardModel(ChatScorer):
         return score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
 
 
+def pair_chat(pair: dict, side: str) -> list[dict]:
+    """One side of a preference pair as the scorer reads it. A mismatch pair's rejected side is the chosen reply
+    under another persona (`rejected_facts`); every other side is under the pair's own persona."""
+    facts = pair.get("rejected_facts", pair["facts"]) if side == "rejected" else pair["facts"]
+    return reward_chat(facts, pair["history"], pair["speaker"], pair[side])
+
+
 class CombinedReward(ChatScorer):
     """`reward.kind: both`: per chat, the sum over scorers of (score - its held-out mean) / its held-out std."""
 
@@ -112,9 +118,8 @@ class CombinedReward(ChatScorer):
         self.scorers, self.stats = scorers, stats
 
     def score_chats(self, chats: list[list[dict]]) -> list[float]:
-        parts = {name: {"all": np.array(scorer.score_chats(chats), dtype=float)}
-                 for name, scorer in self.scorers.items()}
-        return combine(parts, self.stats)["all"].tolist()
+        parts = {name: np.array(scorer.score_chats(chats), dtype=float) for name, scorer in self.scorers.items()}
+        return normalised_sum(parts, self.stats).tolist()
 
 
 def load_scorer(base_path: Path, reward_path: Path, sft_path: Path, device: str | None = None,
@@ -122,13 +127,14 @@ def load_scorer(base_path: Path, reward_path: Path, sft_path: Path, device: str 
     """What the reward stage saved at `reward_path`, ready to score: a RewardModel, a LikelihoodReward (which runs
     the SFT adapter at `sft_path`) or their CombinedReward, after the folder's reward_info.json `kind`."""
     info_path = reward_path / REWARD_INFO
-    kind = json.loads(info_path.read_text()).get("kind", "model") if info_path.exists() else "model"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    kind = info.get("kind", "model")
     scorers = {}
     if kind != "likelihood":
         scorers["model"] = RewardModel.load(base_path, reward_path, device, max_length, batch_size, dtype)
     if kind != "model":
         scorers["likelihood"] = LikelihoodReward.load(base_path, reward_path, sft_path, device, batch_size, dtype)
-    return scorers[kind] if kind in scorers else CombinedReward(scorers, json.loads(info_path.read_text())["parts"])
+    return scorers[kind] if kind in scorers else CombinedReward(scorers, info["parts"])
 
 
 @torch.no_grad()
@@ -150,10 +156,7 @@ def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int) -> list
 def held_out_chats(pairs: list[dict]) -> dict[str, list[list[dict]]]:
     """The chats held-out pairs are scored on: each side under the true persona, and each swap pair's chosen
     reply under the other persona (for persona_only_accuracy)."""
-    chats = {"chosen": [reward_chat(p["facts"], p["history"], p["speaker"], p["chosen"]) for p in pairs],
-             # a mismatch pair's rejected side is the same reply under another persona (pair_rows, as trained)
-             "rejected": [reward_chat(p.get("rejected_facts", p["facts"]), p["history"], p["speaker"], p["rejected"])
-                          for p in pairs]}
+    chats = {side: [pair_chat(p, side) for p in pairs] for side in ("chosen", "rejected")}
     chats["swapped"] = [reward_chat(p["other_facts"], p["history"], p["speaker"], p["chosen"])
                         for p in pairs if p["strategy"] == "swap"]
     return chats
@@ -253,12 +256,10 @@ def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
 
 def likelihood_scorer(params: Params, paths: Paths) -> LikelihoodReward:
     """The likelihood reward of `reward.*` on this machine's device, its persona pool the train split's."""
-    from persona.data import read_dialogues
+    from accelerate import PartialState
 
     cfg = params.reward
     personas = [p for d in read_dialogues(paths.prepared / "train.jsonl") for p in d.personas]
-    from accelerate import PartialState
-
     model, tokenizer = load_sft_merged(paths.base, paths.sft, scorer_compute(cfg).dtype, str(PartialState().device))
     return LikelihoodReward(model, tokenizer, personas, cfg.likelihood_personas, cfg.copy_penalty,
                             cfg.repeat_penalty, cfg.score_batch_size)
@@ -274,10 +275,14 @@ def _stats(scores: dict[str, np.ndarray]) -> dict:
     return {"score_mean": float(both.mean()), "score_std": float(both.std()) or 1.0}
 
 
-def combine(parts: dict[str, dict[str, np.ndarray]], stats: dict[str, dict]) -> dict[str, np.ndarray]:
+def normalised_sum(scores: dict[str, np.ndarray], stats: dict[str, dict]) -> np.ndarray:
     """`both`: per chat, the sum over scorers of (score - its held-out mean) / its held-out std."""
-    return {key: sum((parts[name][key] - stats[name]["score_mean"]) / stats[name]["score_std"] for name in parts)
-            for key in parts["model"]}
+    return sum((scores[name] - stats[name]["score_mean"]) / stats[name]["score_std"] for name in scores)
+
+
+def combine(parts: dict[str, dict[str, np.ndarray]], stats: dict[str, dict]) -> dict[str, np.ndarray]:
+    """`normalised_sum` of each held-out chat set (chosen, rejected, swapped) scored by every scorer."""
+    return {key: normalised_sum({name: part[key] for name, part in parts.items()}, stats) for key in parts["model"]}
 
 
 def train_reward_model(params: Params, paths: Paths, valid_pairs: list[dict], callbacks: tuple):

@@ -29,10 +29,16 @@ MANIFEST = "manifest.json"  # written last into a checkpoint: its presence and d
 
 
 def fingerprint(train: TrainConfig, inputs: list[Path], base_path: Path, **settings) -> dict:
-    """What a checkpoint depends on; a checkpoint from other inputs must not be resumed."""
+    """What a checkpoint depends on; a checkpoint from other inputs must not be resumed.
+
+    `inputs`: files, or folders standing for every file in them (a saved scorer: a reward model's adapter, or the
+    likelihood reward's config). Digests are keyed folder/name, as models/sft and models/reward hold files of one name.
+    """
     info = base_path / BASE_INFO
     base = json.loads(info.read_text()) if info.exists() else str(base_path)
-    digests = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs}
+    files = [file for path in inputs for file in (sorted(f for f in path.iterdir() if f.is_file())
+                                                  if path.is_dir() else [path])]
+    digests = {f"{file.parent.name}/{file.name}": hashlib.sha256(file.read_bytes()).hexdigest() for file in files}
     return {"train": asdict(train), "inputs_sha256": digests, "base": base, **settings}
 
 

@@ -140,7 +140,7 @@ def test_pairs_round_trip_and_bad_rows_are_named(pairs, tmp_path):
     assert [p["rejected"] for p in again] == [p["rejected"] for p in pairs]
     assert again[0]["history"] == [tuple(t) for t in pairs[0]["history"]]
     path.write_text(path.read_text() + '{"chosen": "x"}\n')
-    with pytest.raises(MalformedRowError, match=f"train.jsonl:{len(pairs) + 1}"):
+    with pytest.raises(MalformedRowError, match=f"train.jsonl:{len(pairs) + 1}: .*missing dialogue"):
         read_pairs(path)
 
 

@@ -22,6 +22,7 @@ from persona.models import lora_config
 from persona.models import policy as switch_to
 from persona.paths import Paths
 from persona.ppo import rollout as ppo_rollout
+from persona.ppo.checkpoint import run_fingerprint
 from persona.ppo.experience import SAMPLER_GAP_BOUNDS, Setup, make_experience
 from persona.ppo.kl import FixedKL
 from persona.ppo.policy import PolicyWithValue, load_policy, reference_name
@@ -286,3 +287,16 @@ def test_a_multi_turn_step_trains_on_every_policy_turn(tiny_model_dir, sft_adapt
     stats = ppo_step(setup, optimizer, multi, FixedKL(0.05), 0)
     assert stats["skipped"] == 0 and all(torch.isfinite(torch.tensor(stats[k])) for k in ("policy_loss", "value_loss"))
     assert any(not torch.equal(before[n], p) for n, p in setup.module.named_parameters() if p.requires_grad)
+
+
+def test_a_checkpoint_depends_on_both_the_sft_adapter_and_the_reward_model(tiny_model_dir, sft_adapter, reward_adapter,
+                                                                          prepared, tmp_path):
+    """Both folders hold an adapter_model.safetensors: neither digest may hide the other's."""
+    sft, reward = shutil.copytree(sft_adapter, tmp_path / "sft"), shutil.copytree(reward_adapter, tmp_path / "reward")
+    paths = Paths(prepared=prepared, base=tiny_model_dir, sft=sft, reward=reward)
+    params = params_with(ppo=TINY_PPO)
+    seen = [run_fingerprint(params, paths, 1)]
+    for folder in (sft, reward):
+        (folder / "adapter_model.safetensors").write_bytes((folder / "adapter_model.safetensors").read_bytes() + b" ")
+        seen.append(run_fingerprint(params, paths, 1))
+    assert seen[0] != seen[1] != seen[2]

@@ -22,9 +22,8 @@ STATE = "ppo_state.pt"
 
 
 def run_fingerprint(params: Params, paths: Paths, processes: int) -> dict:
-    # every file of the saved scorer: a reward model's adapter, or the likelihood reward's config (it has no adapter)
     return fingerprint(params.ppo, [paths.prepared / "train.jsonl", paths.sft / "adapter_model.safetensors",
-                                    *sorted(f for f in paths.reward.iterdir() if f.is_file())], paths.base,
+                                    paths.reward], paths.base,
                        seed=params.seed, processes=processes)
 
 
