@@ -299,4 +299,4 @@ def test_a_checkpoint_depends_on_both_the_sft_adapter_and_the_reward_model(tiny_
     for folder in (sft, reward):
         (folder / "adapter_model.safetensors").write_bytes((folder / "adapter_model.safetensors").read_bytes() + b" ")
         seen.append(run_fingerprint(params, paths, 1))
-    assert seen[0] != seen[1] != seen[2]
+    assert seen[0] != seen[1] != seen[2] != seen[0]
