@@ -4,19 +4,30 @@
 #
 #   scripts/profile_run.sh PROFILE [NAME]      e.g. scripts/profile_run.sh cpu-spc
 #
-# The run happens in a git worktree of HEAD beside this checkout (../<repo>-run-<name>): the committed code, so
-# the results belong to a commit, and this checkout's params.yaml, models and DVC outputs stay as they are. Beside
-# it, a data.source relative to params.yaml (cpu-spc's ../shared/...) names the same folder as here. A second call
-# reuses the worktree (moved to the new HEAD), so DVC reruns only what changed, and a killed stage resumes.
+# The run happens in a git worktree of HEAD beside this checkout (../<repo>-run-<root>, <root> the profile at the
+# top of its `extends` chain): the committed code, so the results belong to a commit, and this checkout's
+# params.yaml, models and DVC outputs stay as they are. Beside it, a data.source relative to params.yaml (cpu-spc's
+# ../shared/...) names the same folder as here. A second call, or a profile that extends this one (cpu-spc-grpo),
+# reuses the worktree, moved to the new HEAD with the run's dvc.lock, metrics and curves kept: DVC reruns only the
+# stages whose code, params or inputs changed, and a killed stage resumes.
 set -euo pipefail
 profile=${1:?usage: scripts/profile_run.sh PROFILE [NAME]}
 name=${2:-$profile}
 repo=$(git rev-parse --show-toplevel)
-work="$(dirname "$repo")/$(basename "$repo")-run-$name"
+root=$profile
+while parent=$(sed -n 's/^extends: *\([^ #]*\).*/\1/p' "$repo/profiles/$root.yaml") && [ -n "$parent" ]; do
+  root=$parent
+done
+work="$(dirname "$repo")/$(basename "$repo")-run-$root"
 python=${PYTHON:-$repo/.venv/bin/python}
 
 if [ -d "$work" ]; then
+  # git tracks dvc.lock, metrics/ and dvclive/ (the default run's): a bare checkout would put those back, and DVC
+  # would then see every stage's outputs changed and rerun the whole pipeline
+  kept=$(mktemp)
+  tar -C "$work" -cf "$kept" dvc.lock metrics dvclive
   git -C "$work" checkout --quiet --force --detach "$(git -C "$repo" rev-parse HEAD)"
+  tar -C "$work" -xf "$kept" && rm "$kept"
 else
   git -C "$repo" worktree add --quiet --detach "$work" HEAD
 fi

@@ -30,6 +30,8 @@ def test_a_results_folder_gets_its_own_table_and_marks(tmp_path):
     assert text.startswith("intro\n") and text.endswith(f"{results.END}\nrest\n") and "stale" not in text
     assert "**default run** (`metrics/`)" in text and "**cpu-spc** (`results/cpu-spc/`)" in text
     assert "| F1 | +0.500 [+0.250, +0.750] * (n=99) |" in text
+    align = json.loads((spc / "align.json").read_text())  # the valid split's figure, beside the test split's
+    assert f"| cpu-spc | ppo | model | {align['reward_gain']:+.3f} [{align['reward_gain_ci_low']:+.3f}, " in text
     assert results.write(readme, check=True)
 
 
