@@ -30,11 +30,23 @@ def available(folder: Path = PROFILES_DIR) -> list[str]:
     return sorted(path.stem for path in folder.glob("*.yaml"))
 
 
-def profile_values(name: str, folder: Path = PROFILES_DIR) -> dict:
-    """Defaults overlaid with the profile, checked like params.yaml itself (the file named on error)."""
+def _profile_path(name: str, folder: Path) -> Path:
     path = folder / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"no profile {name!r}; available: {', '.join(available(folder))}")
+    return path
+
+
+def root(name: str, folder: Path = PROFILES_DIR) -> str:
+    """The profile at the top of `name`'s `extends` chain (`name` itself when it extends none): runs of profiles
+    with one root share a worktree in scripts/profile_run.sh."""
+    parent = (yaml.safe_load(_profile_path(name, folder).read_text()) or {}).get("extends")
+    return root(parent, folder) if parent else name
+
+
+def profile_values(name: str, folder: Path = PROFILES_DIR) -> dict:
+    """Defaults overlaid with the profile, checked like params.yaml itself (the file named on error)."""
+    path = _profile_path(name, folder)
     overlay = yaml.safe_load(path.read_text()) or {}
     parent = overlay.pop("extends", None)  # another profile's values first, then this one's on top
     try:

@@ -14,12 +14,9 @@ set -euo pipefail
 profile=${1:?usage: scripts/profile_run.sh PROFILE [NAME]}
 name=${2:-$profile}
 repo=$(git rev-parse --show-toplevel)
-root=$profile
-while parent=$(sed -n 's/^extends: *\([^ #]*\).*/\1/p' "$repo/profiles/$root.yaml") && [ -n "$parent" ]; do
-  root=$parent
-done
-work="$(dirname "$repo")/$(basename "$repo")-run-$root"
 python=${PYTHON:-$repo/.venv/bin/python}
+root=$(cd "$repo" && "$python" -c 'import sys; from persona.profiles import root; print(root(sys.argv[1]))' "$profile")
+work="$(dirname "$repo")/$(basename "$repo")-run-$root"
 
 if [ -d "$work" ]; then
   # git tracks dvc.lock, metrics/ and dvclive/ (the default run's): a bare checkout would put those back, and DVC

@@ -14,7 +14,7 @@ from persona.config import ConfigError, Params, from_dict, load_params
 from persona.hardware import Machine
 from persona.launch import check_machine
 from persona.paths import TRAINING_STAGES
-from persona.profiles import apply_profile, available, profile_values
+from persona.profiles import apply_profile, available, profile_values, root
 from tests.conftest import REPO, SHARED_SPC
 
 T4x2 = Machine(gpus=2, bf16=False, cpus=4)
@@ -108,3 +108,10 @@ def test_a_profile_extends_another(tmp_path):
     assert values["ppo"] == profile_values("parent", tmp_path)["ppo"]
     spc, floors = profile_values("cpu-spc"), profile_values("cpu-spc-floors")
     assert {k: v for k, v in floors.items() if k != "evaluate"} == {k: v for k, v in spc.items() if k != "evaluate"}
+
+
+def test_a_profile_runs_in_the_worktree_of_its_extends_root():
+    assert [root(name) for name in ("cpu-quick", "cpu-spc", "cpu-spc-grpo", "cpu-spc-dpo", "cpu-spc-floors")] == \
+        ["cpu-quick", "cpu-spc", "cpu-spc", "cpu-spc", "cpu-spc"]
+    with pytest.raises(ConfigError, match="no profile 'nope'"):
+        root("nope")
