@@ -292,10 +292,15 @@ class GRPOConfig(TRLAlignConfig):
     max_eval_sequences: int = 8
     beta: float = 0.04
     num_generations: int = 4
+    num_iterations: int = 1
     missing_eos_penalty: float = -1.0
 
     def validate(self, section: str) -> None:
         super().validate(section)
+        _check(self.num_iterations >= 1, f"{section}.num_iterations", "must be >= 1")
+        # TRL keeps a generated batch in memory only: a checkpoint inside its iterations would resume onto a new one
+        _check(self.save_steps % self.num_iterations == 0, f"{section}.save_steps",
+               f"must be a multiple of {section}.num_iterations (checkpoints between generated batches)")
         _check(self.num_generations >= 2, f"{section}.num_generations",
                "must be >= 2 (GRPO compares a prompt's replies)")
         _check(self.batch_size % self.num_generations == 0, f"{section}.batch_size",

@@ -159,7 +159,8 @@ def train_grpo(params: Params, paths: Paths, stop_after: int | None = None) -> d
     sft_chats = sample_chats(model, tokenizer, prompts, decoding)
 
     args = training.trl_config(GRPOConfig, cfg, compute, checkpoint_dir, params.seed, beta=cfg.beta,
-                               num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
+                               num_generations=cfg.num_generations, num_iterations=cfg.num_iterations,
+                               max_completion_length=cfg.max_new_tokens,
                                temperature=cfg.temperature, top_k=0, top_p=1.0, disable_dropout=True)
     reward = persona_reward(reward_model, stats, cfg.missing_eos_penalty, [tokenizer.eos_token_id])
     trainer = training.build_trainer(GRPOTrainer, model, args, compute, live, (trl_align.StopAfter(stop_after),),
@@ -180,4 +181,5 @@ def train_grpo(params: Params, paths: Paths, stop_after: int | None = None) -> d
     held = trl_align.last_eval(trainer)
     return {**trl_align.run_summary(trainer, resume, compute, ranks, state.num_processes, result, started),
             "sampler_logprob_gap_max": check.gap, "beta": cfg.beta, "num_generations": cfg.num_generations,
+            "num_iterations": cfg.num_iterations,
             "train_prompts": len(train_prompts), "eval_reward": held.get("eval_reward"), **rewards}

@@ -119,6 +119,9 @@ def test_the_algorithms_are_policies_evaluation_can_name():
     params_for("dpo").validate(Path("."))
     with pytest.raises(ConfigError, match=r"grpo\.batch_size: must be a multiple of grpo\.num_generations"):
         params_for("grpo", batch_size=3).validate(Path("."))
+    with pytest.raises(ConfigError, match=r"grpo\.save_steps: must be a multiple of grpo\.num_iterations"):
+        params_for("grpo", num_iterations=2, save_steps=3).validate(Path("."))
+    params_for("grpo", num_iterations=2, save_steps=4).validate(Path("."))
     with pytest.raises(ConfigError, match=r"dpo\.beta: must be > 0"):
         params_for("dpo", beta=0.0).validate(Path("."))
 
@@ -192,3 +195,23 @@ def test_grpo_stops_when_its_sampler_is_not_its_scorer(inputs, tiny_model_dir, t
     with pytest.raises(RuntimeError, match="sampler and scorer disagree"):
         run(params_for("grpo"), {**inputs("grpo"), "base": base}, tmp_path)
     assert not list((tmp_path / "ckpt" / "align").glob("checkpoint-*"))
+
+
+def test_grpo_steps_num_iterations_times_on_each_generated_batch(inputs, tmp_path, monkeypatch):
+    """4 steps at num_iterations 2 generate (and so reward) 2 training batches, not 4; then the last evaluation."""
+    rewarded = []
+    make_reward = grpo.persona_reward
+
+    def counting_reward(*args):
+        reward = make_reward(*args)
+
+        def persona_reward(prompts, **kwargs):
+            rewarded.append(len(prompts))
+            return reward(prompts, **kwargs)
+        return persona_reward
+
+    monkeypatch.setattr(grpo, "persona_reward", counting_reward)
+    params = params_for("grpo", num_iterations=2, max_steps=4, save_steps=2, eval_steps=10)
+    metrics = run(params, inputs("grpo"), tmp_path)
+    assert (metrics["steps"], metrics["num_iterations"]) == (4, 2)
+    assert rewarded == [2, 2, 2]  # 2 batches of 1 prompt x 2 replies, then the final evaluation's 1 prompt x 2

@@ -24,6 +24,7 @@ TINY_REWARD = {"max_steps": 2, "batch_size": 4, "save_steps": 1, "eval_steps": 1
                "max_eval_sequences": 4, "lora_top_layers": 1}
 TINY_PPO = {"max_steps": 2, "rollout_batch_size": 2, "minibatch_size": 2, "max_new_tokens": 6, "save_steps": 1,
             "eval_n": 4, "batch_size": 4, "max_history_turns": 2}
+TINY_TRL_ALIGN = {**TINY, "max_eval_sequences": 2, "eval_n": 2, "max_new_tokens": 4, "max_history_turns": 1}
 TINY_EVAL = {"n": 4, "likelihood_n": 2, "persona_candidates": 3, "grounding_candidates": 4, "hits_n": 2,
              "reply_candidates": 4, "multiturn_n": 2, "multiturn_turns": 2, "perplexity_sequences": 2,
              "max_new_tokens": 4, "bootstrap": 50}
@@ -55,7 +56,8 @@ def make_project(root: Path, tiny_model_dir: Path) -> Path:
         else:
             shutil.copy(source, target)
     set_params(root, model={"name": str(tiny_model_dir), "max_length": 256}, data={"fraction": 0.5},
-               sft=TINY, pairs=TINY_PAIRS, reward=TINY_REWARD, ppo=TINY_PPO, evaluate=TINY_EVAL)
+               sft=TINY, pairs=TINY_PAIRS, reward=TINY_REWARD, ppo=TINY_PPO, dpo=TINY_TRL_ALIGN,
+               grpo={**TINY_TRL_ALIGN, "num_generations": 2}, evaluate=TINY_EVAL)
     sh("git", "init", "-q", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny", cwd=root)
@@ -197,16 +199,6 @@ def change_param(project: Path, **sections) -> set[str]:
     return set(json.loads(status[status.index("{"):]))
 
 
-def test_sft_param_change_reruns_only_sft_and_what_follows(project):
-    assert change_param(project, sft={"lr": 1e-2}) == {"sft"}
-    out = sh("dvc", "repro", cwd=project)
-    for stage in ("sft", "pairs", "reward", "align", "evaluate"):
-        assert f"Running stage '{stage}'" in out
-    assert "Running stage 'prepare'" not in out and "Running stage 'base'" not in out
-    diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=project))
-    assert "eval_nll" in diff["metrics/sft.json"]
-
-
 def test_an_align_experiment_reevaluates_only_the_aligned_policy(project):
     """Base and SFT are evaluated in their own stage: changing the aligned policy's params leaves it alone."""
     before = (project / "params.yaml").read_text()
@@ -245,7 +237,9 @@ def test_each_profile_gives_a_valid_dvc_pipeline(project, profile):
 
 
 def test_training_stages_run_as_two_process_ddp_on_cpu(project, tiny_model_dir):
-    """launch.processes 2: sft, reward and align rerun under accelerate as 2 CPU processes (gloo DDP).
+    """launch.processes 2: sft, reward and align rerun under accelerate as 2 CPU processes (gloo DDP), and with
+    them what follows sft, whose adapter changes (as any sft param's change would): never prepare or base. Then
+    align alone with DPO and with GRPO, under the same 2 processes.
 
     Real DDP: each process trained on other data, yet both held identical weights after a step.
     """
@@ -253,7 +247,11 @@ def test_training_stages_run_as_two_process_ddp_on_cpu(project, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     assert change_param(project, launch={"processes": 2}) == {"sft", "reward", "align"}
-    sh("dvc", "repro", cwd=project)
+    out = sh("dvc", "repro", cwd=project)
+    for stage in ("sft", "pairs", "reward", "align", "evaluate_reference", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    assert "Running stage 'prepare'" not in out and "Running stage 'base'" not in out
+    assert "eval_nll" in json.loads(sh("dvc", "metrics", "diff", "--json", cwd=project))["metrics/sft.json"]
     for name in ("sft", "reward", "align"):
         metrics = json.loads((project / "metrics" / f"{name}.json").read_text())
         assert (metrics["processes"], metrics["ranks_in_sync"], metrics["ranks_distinct_batches"]) == (2, True, True)
@@ -263,3 +261,9 @@ def test_training_stages_run_as_two_process_ddp_on_cpu(project, tiny_model_dir):
     trained = [w for name, w in model.named_parameters() if "lora_B" in name]
     assert trained and all(w.abs().sum() > 0 for w in trained)
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    for algorithm in ("dpo", "grpo"):
+        set_params(project, align={"algorithm": algorithm})
+        sh("dvc", "repro", "--single-item", "align", cwd=project)
+        metrics = json.loads((project / "metrics" / "align.json").read_text())
+        assert (metrics["algorithm"], metrics["steps"], metrics["reward_gain"] is not None) == (algorithm, 2, True)
+        assert (metrics["processes"], metrics["ranks_in_sync"], metrics["ranks_distinct_batches"]) == (2, True, True)
