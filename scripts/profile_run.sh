@@ -20,10 +20,12 @@ work="$(dirname "$repo")/$(basename "$repo")-run-$root"
 
 if [ -d "$work" ]; then
   # git tracks dvc.lock, metrics/ and dvclive/ (the default run's): a bare checkout would put those back, and DVC
-  # would then see every stage's outputs changed and rerun the whole pipeline
+  # would then see every stage's outputs changed and rerun the whole pipeline. Emptied before the kept copy
+  # returns: a default-run file this run does not write (the trained reward's curves) would change a folder's hash
   kept=$(mktemp)
   tar -C "$work" -cf "$kept" dvc.lock metrics dvclive
   git -C "$work" checkout --quiet --force --detach "$(git -C "$repo" rev-parse HEAD)"
+  rm -rf "${work:?}/dvc.lock" "$work/metrics" "$work/dvclive"
   tar -C "$work" -xf "$kept" && rm "$kept"
 else
   git -C "$repo" worktree add --quiet --detach "$work" HEAD
