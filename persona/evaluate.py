@@ -47,10 +47,12 @@ HEADLINE = ("persona_gain", "persona_hits1", "grounded_not_copied", "fact_copy_r
 # compared on the same prompts: every policy against each of these (`paired.<policy>_vs_<other>.<metric>`)
 PAIRED_AGAINST = ("sft", "base")
 PAIRED = ("persona_gain", "persona_hits1", "grounded_not_copied", "fact_copy_rate", "grounding_top1",
-          "grounding_top1_relevant", "repeated_sentence_rate", "reward_score", "gold_perplexity", "f1", "reply_hits1")
+          "grounding_top1_relevant", "repeated_sentence_rate", "reward_score", "gold_perplexity", "f1", "reply_hits1",
+          "multiturn_grounding_top1")
 # which prompts a per-item metric rests on (the rest: the `n` generation prompts); `clusters` keys
 FAMILY = {"persona_gain": "likelihood", "persona_hits1": "likelihood", "reply_hits1": "hits",
-          "grounding_top1_relevant": "relevant", "gold_perplexity": "perplexity"}
+          "grounding_top1_relevant": "relevant", "gold_perplexity": "perplexity",
+          "multiturn_grounding_top1": "multiturn"}
 
 
 def distractor_personas(facts: list[str], pool: dict[str, list[str]], k: int, rng: random.Random) -> list[list[str]]:
@@ -179,7 +181,8 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: EvaluateConfig
     # Reward hacking check: a policy optimised against the reward model may buy reward with length.
     out["reward_length_correlation"] = M.pearson(per["reward_score"], per["length_words"]) \
         if "reward_score" in per else None
-    out.update(multiturn(model, tokenizer, cfg, context))
+    conversation_metrics, per["multiturn_grounding_top1"] = multiturn(model, tokenizer, cfg, context)
+    out.update(conversation_metrics)
     timings["time_multiturn_s"] = time.perf_counter() - mark
     out.update({key: round(value, 1) for key, value in timings.items()})
     records = [{"reply": r, "grounding_top1": g, "f1": round(f, 4), "facts_copied": int(c), "parrots": bool(pr),
@@ -216,11 +219,12 @@ def paired_block(per: dict[str, dict[str, list[float]]], context: dict, cfg: Eva
     return out
 
 
-def multiturn(model, tokenizer, cfg: EvaluateConfig, context: dict) -> dict:
+def multiturn(model, tokenizer, cfg: EvaluateConfig, context: dict) -> tuple[dict, list[float]]:
     """Conversations of `multiturn_turns` bot turns, partner turns taken from test dialogues.
 
     The bot plays User 2 (SPC's User 1 opens); grounding is measured per turn, so a persona that
-    fades over the conversation shows as a falling curve.
+    fades over the conversation shows as a falling curve. Returns the metrics and each conversation's
+    grounding over its turns: the conversation is the unit a paired CI of the 5-turn metric resamples.
     """
     dialogues = context["multiturn_dialogues"]
     partner_turns = [[t for t in d.turns if t[0] == 0] for d in dialogues]
@@ -229,13 +233,14 @@ def multiturn(model, tokenizer, cfg: EvaluateConfig, context: dict) -> dict:
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         top_k=cfg.top_k, batch_size=cfg.batch_size, seed=derive_seed(context["seed"], "multiturn"))
     out, replies_so_far = {}, [[] for _ in dialogues]
-    contradictions = []
+    contradictions, grounded = [], np.zeros(len(dialogues))
     for turn in range(cfg.multiturn_turns):
         chats = [messages_for(d.personas[1], h, 1) for d, h in zip(dialogues, histories)]
         replies = generate_replies(model, tokenizer, chats, decoding)
         candidates = context["multiturn_candidates"]
         ground = grounding(context["embedder"], replies, candidates)
         out[f"multiturn_grounding_top1_turn{turn + 1}"] = round(float(np.mean(ground["top1"])), 4)
+        grounded += np.asarray(ground["top1"], dtype=float)
         if context["nli"] is not None and turn > 0:
             pairs = [(earlier, reply) for reply, before in zip(replies, replies_so_far) for earlier in before]
             labels = iter(context["nli"].labels([p for p, _ in pairs], [h for _, h in pairs]))
@@ -248,7 +253,7 @@ def multiturn(model, tokenizer, cfg: EvaluateConfig, context: dict) -> dict:
     turns = [out[f"multiturn_grounding_top1_turn{t + 1}"] for t in range(cfg.multiturn_turns)]
     out["multiturn_grounding_top1"] = round(float(np.mean(turns)), 4)
     out["multiturn_self_contradiction_rate"] = round(float(np.mean(contradictions)), 4) if contradictions else None
-    return out
+    return out, (grounded / cfg.multiturn_turns).tolist()
 
 
 def perplexity_rows(dialogues: list[Dialogue], tokenizer, max_length: int, limit: int) -> tuple[list[dict], list[str]]:
@@ -302,7 +307,7 @@ def build_context(dialogues: list[Dialogue], tokenizer, cfg: EvaluateConfig, max
         # the dialogue of each item, per prompt set: the clusters every CI resamples
         "clusters": {"prompts": owners, "relevant": [o for o, r in zip(owners, relevant) if r],
                      "likelihood": owners[:cfg.likelihood_n], "hits": owners[:cfg.hits_n],
-                     "perplexity": ppl_dialogues},
+                     "perplexity": ppl_dialogues, "multiturn": [d.id for d in multiturn_dialogues]},
         "multiturn_dialogues": multiturn_dialogues, "multiturn_candidates": multiturn_candidates, "reward": reward,
     }
 

@@ -26,7 +26,8 @@ ROWS = (("persona_gain", "persona likelihood gain (nats/token)"), ("persona_hits
 PAIRED_ROWS = (("persona_gain", "persona likelihood gain"), ("persona_hits1", "persona Hits@1/5"),
                ("grounded_not_copied", "grounded and not copied"), ("fact_copy_rate", "replies copying a fact"),
                ("repeated_sentence_rate", "replies repeating a sentence"), ("reward_score", "reward score"),
-               ("gold_perplexity", "gold-reply NLL (nats/token)"), ("f1", "F1"))
+               ("gold_perplexity", "gold-reply NLL (nats/token)"), ("f1", "F1"),
+               ("multiturn_grounding_top1", "5-turn MiniLM persona top-1 (per conversation)"))
 
 
 def _number(value, digits: int = 3) -> str:
@@ -78,9 +79,10 @@ def run_section(name: str, folder: Path, shown: Path) -> str:
         lines += ["", f"Paired on the same prompts, {policy} minus SFT and minus base (`*`: the CI excludes 0):", "",
                   f"| metric | {policy} - sft | {policy} - base |", "|---|---|---|"]
         for key, label in PAIRED_ROWS:
-            lines.append(f"| {label} | " + " | ".join(
-                _difference(evaluation["paired"].get(f"{policy}_vs_{other}", {}).get(key))
-                for other in ("sft", "base")) + " |")
+            cells = [_difference(evaluation["paired"].get(f"{policy}_vs_{other}", {}).get(key))
+                     for other in ("sft", "base")]
+            if any(c != "-" for c in cells):  # runs evaluated before a metric was paired lack it
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Reward (" + reward.get("kind", "model") + f") on {reward['n_pairs']} held-out pairs: accuracy "
               f"{_number(reward['accuracy'])}; the same reply under its own vs another persona "
               f"{_cell(reward, 'persona_only_accuracy')} (n={reward['n_swap']}); mismatch pairs "

@@ -33,12 +33,17 @@ fi
 cd "$work"
 "$python" -m persona profile "$profile"
 started=$(date +%s)
-PATH="$(dirname "$python"):$PATH" dvc repro
+log=$(mktemp)
+PATH="$(dirname "$python"):$PATH" dvc repro 2>&1 | tee "$log"
 wall=$(( $(date +%s) - started ))
+# a reused worktree reruns only what changed: run.json names the stages its repro_wall_s covers (every stage's
+# own time is in its metrics)
+stages=$({ grep -ao "Running stage '[^']*'" "$log" || true; } | sed "s/Running stage '\(.*\)'/\"\1\"/" | paste -sd, - | sed 's/,/, /g')
+rm "$log"
 
 out="$repo/results/$name"
 rm -rf "$out" && mkdir -p "$out"
 cp metrics/*.json metrics/report.md metrics/*.png params.yaml "$out/"
-printf '{\n  "profile": "%s",\n  "commit": "%s",\n  "repro_wall_s": %s\n}\n' \
-  "$profile" "$(git rev-parse HEAD)" "$wall" > "$out/run.json"
+printf '{\n  "profile": "%s",\n  "commit": "%s",\n  "repro_wall_s": %s,\n  "stages_run": [%s]\n}\n' \
+  "$profile" "$(git rev-parse HEAD)" "$wall" "$stages" > "$out/run.json"
 echo "results/$name: metrics of profile $profile at $(git rev-parse --short HEAD), dvc repro ${wall}s"

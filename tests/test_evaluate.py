@@ -121,6 +121,11 @@ def test_evaluate_writes_every_output_with_cis(test_dialogues, tiny_model_dir, s
         assert figures["n"] < 2 or figures["ci_low"] <= figures["diff"] <= figures["ci_high"]
     gain = [saved[name]["persona_gain"] for name in ("sft", "base")]
     assert paired["persona_gain"]["diff"] == pytest.approx(gain[0] - gain[1], abs=2e-4)
+    # the 5-turn metric is paired per conversation: its mean over conversations is the policies' difference
+    assert paired["multiturn_grounding_top1"]["n"] == SMALL["multiturn_n"]
+    turns = [saved[name]["multiturn_grounding_top1"] for name in ("sft", "base")]
+    assert paired["multiturn_grounding_top1"]["diff"] == pytest.approx(turns[0] - turns[1], abs=2e-4)
+    assert "| multiturn_grounding_top1 |" in report.split("## Paired")[1]
 
 
 def test_evaluate_is_deterministic(test_dialogues, tiny_model_dir, sft_adapter):
