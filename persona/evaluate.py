@@ -250,10 +250,10 @@ def multiturn(model, tokenizer, cfg: EvaluateConfig, context: dict) -> tuple[dic
             histories[i].append((1, reply))
             if turn < len(partner_turns[i]):
                 histories[i].append(partner_turns[i][turn])
-    turns = [out[f"multiturn_grounding_top1_turn{t + 1}"] for t in range(cfg.multiturn_turns)]
-    out["multiturn_grounding_top1"] = round(float(np.mean(turns)), 4)
+    per_conversation = grounded / cfg.multiturn_turns
+    out["multiturn_grounding_top1"] = round(float(per_conversation.mean()), 4)
     out["multiturn_self_contradiction_rate"] = round(float(np.mean(contradictions)), 4) if contradictions else None
-    return out, (grounded / cfg.multiturn_turns).tolist()
+    return out, per_conversation.tolist()
 
 
 def perplexity_rows(dialogues: list[Dialogue], tokenizer, max_length: int, limit: int) -> tuple[list[dict], list[str]]:
