@@ -6,8 +6,9 @@ Each strategy misses the persona in another way, so the reward model cannot lear
 - `mismatch`: the same reply on both sides, under the true persona (chosen) or another one
   (rejected, `rejected_facts`). Nothing but the persona differs, so it is the strategy that
   forces the model to read the persona; no generation needed.
-- `contradiction`: a minimal pair. Both sides are the chosen reply plus one sentence: chosen
-  restates a persona fact, rejected its rule-based negation; only the negation differs.
+- `contradiction`: a minimal pair. Both sides are the chosen reply plus one rule-based negation: rejected
+  negates one of the persona's facts, chosen a fact of another persona on another topic. A restated fact
+  (a recitation bonus) or the word "not" cannot separate them; only whose fact is denied does.
 - `generic`: rejected = a bland reply or a turn from another conversation.
 The chosen side is the gold SPC turn or an SFT sample under the true persona (`pairs.chosen`).
 
@@ -30,6 +31,7 @@ from persona.config import ConfigError, PairsConfig, Params
 from persona.data import Dialogue, MalformedRowError, persona_key, read_dialogues
 from persona.files import write_text_atomic
 from persona.generation import Decoding, Reply, generate
+from persona.metrics import content_words
 from persona.models import load_policies
 from persona.paths import DEFAULT, Paths
 from persona.seeds import derive_seed
@@ -72,6 +74,17 @@ def negate(fact: str) -> str | None:
         if re.match(pattern, body):
             return re.sub(pattern, replacement, body) + "."
     return None
+
+
+def unrelated_fact(facts: list[str], candidates: list[str], like: str, rng: random.Random) -> str:
+    """Of `candidates` (negatable facts of other personas), one sharing no content word with `facts`, whose
+    negation is closest in length to `like`: denying it contradicts nothing the persona says ("I have two
+    dogs" rules out "I have a dog", whose negation would)."""
+    own = {word for fact in facts for word in content_words(fact)}
+    unrelated = [fact for fact in candidates if not own & set(content_words(fact))]
+    if not unrelated:
+        raise ConfigError("pairs.shares.contradiction: no other persona's fact is unrelated to this persona")
+    return min(rng.sample(unrelated, min(32, len(unrelated))), key=lambda fact: abs(words(negate(fact)) - words(like)))
 
 
 def words(text: str) -> int:
@@ -147,6 +160,7 @@ def build_pairs(dialogues: list[Dialogue], model, tokenizer, cfg: PairsConfig, n
     generated = sample(chats, 2)
     candidates = {i: generated[k * cfg.swap_candidates:(k + 1) * cfg.swap_candidates] for k, i in enumerate(swaps)}
     off_topic = [text for d in dialogues for _, text in d.turns]
+    negatable = list(dict.fromkeys(fact.strip() for facts in pool for fact in facts if negate(fact)))
 
     pairs = []
     for i, (prompt, strategy) in enumerate(zip(prompts, strategies)):
@@ -162,8 +176,10 @@ def build_pairs(dialogues: list[Dialogue], model, tokenizer, cfg: PairsConfig, n
         elif strategy == "contradiction":
             fact = rng.choice([f for f in prompt.facts if negate(f)])
             negation = negate(fact)
-            pair.update(chosen=f"{chosen[i]} {fact.strip()}", rejected=f"{chosen[i]} {negation}", fact=fact,
-                        negation=negation)
+            other_fact = unrelated_fact(prompt.facts, negatable, negation, rng)
+            other_negation = negate(other_fact)
+            pair.update(chosen=f"{chosen[i]} {other_negation}", rejected=f"{chosen[i]} {negation}", fact=fact,
+                        negation=negation, other_fact=other_fact, other_negation=other_negation)
         else:
             own_dialogue_turns = {text for d in dialogues if d.id == prompt.dialogue for _, text in d.turns}
             elsewhere = [t for t in off_topic if t not in own_dialogue_turns]

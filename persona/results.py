@@ -86,8 +86,10 @@ def run_section(name: str, folder: Path, shown: Path) -> str:
     lines += ["", "Reward (" + reward.get("kind", "model") + f") on {reward['n_pairs']} held-out pairs: accuracy "
               f"{_number(reward['accuracy'])}; the same reply under its own vs another persona "
               f"{_cell(reward, 'persona_only_accuracy')} (n={reward['n_swap']}); mismatch pairs "
-              f"{_cell(reward, 'accuracy_mismatch')} (n={reward['n_mismatch']}); length-matched "
-              f"{_number(reward['accuracy_length_matched'])} (n={reward['n_length_matched']})."]
+              f"{_cell(reward, 'accuracy_mismatch')} (n={reward['n_mismatch']}); "
+              + (f"contradiction pairs {_cell(reward, 'accuracy_contradiction')} (n={reward['n_contradiction']}); "
+                 if reward.get("n_contradiction") else "")
+              + f"length-matched {_number(reward['accuracy_length_matched'])} (n={reward['n_length_matched']})."]
     gain, algorithm = align.get("reward_gain"), align["algorithm"]
     if gain is not None:
         lines.append(f"Align ({algorithm}): held-out reward, SFT {_number(align.get('sft_reward'))} -> "

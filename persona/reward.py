@@ -168,8 +168,9 @@ def score_held_out(score_chats, pairs: list[dict]) -> dict[str, np.ndarray]:
 
 def held_out_metrics(pairs: list[dict], scores: dict[str, np.ndarray], seed: int, resamples: int = 1000) -> dict:
     """Pairwise accuracy (overall, per strategy, length-matched), margin, persona-only accuracy, from the scores
-    of `score_held_out`. The two accuracies that only the persona decides, persona_only_accuracy (the same gold
-    reply under its persona vs another) and accuracy_mismatch, carry 95% CIs that resample dialogues."""
+    of `score_held_out`. The accuracies that only the persona decides, persona_only_accuracy (the same gold reply
+    under its persona vs another), accuracy_mismatch and accuracy_contradiction (the same reply denying one of the
+    persona's facts or an unrelated one), carry 95% CIs that resample dialogues."""
     chosen, rejected = scores["chosen"], scores["rejected"]
     correct = (chosen > rejected).astype(float)
     out = {"accuracy": round(float(correct.mean()), 4), "n_pairs": len(pairs),
@@ -179,8 +180,9 @@ def held_out_metrics(pairs: list[dict], scores: dict[str, np.ndarray], seed: int
         picked = [i for i, p in enumerate(pairs) if p["strategy"] == strategy]
         out[f"accuracy_{strategy}"] = round(float(correct[picked].mean()), 4) if picked else None
         out[f"n_{strategy}"] = len(picked)
-        if strategy == "mismatch" and picked:
-            out.update(_with_ci("accuracy_mismatch", correct[picked], [dialogues[i] for i in picked], seed, resamples))
+        if strategy in ("mismatch", "contradiction") and picked:
+            out.update(_with_ci(f"accuracy_{strategy}", correct[picked], [dialogues[i] for i in picked], seed,
+                                resamples))
     matched = [i for i, p in enumerate(pairs)
                if abs(words(p["chosen"]) - words(p["rejected"])) <= LENGTH_MATCHED_WORDS]
     out["accuracy_length_matched"] = round(float(correct[matched].mean()), 4) if matched else None

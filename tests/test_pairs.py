@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from persona.chat_format import Prompt
 from persona.config import ConfigError, PairShares
 from persona.data import MalformedRowError, load_dialogues, persona_key, split_by_persona
+from persona.metrics import content_words
 from persona.pairs import (
     BLAND_REPLIES,
     STRATEGIES,
@@ -94,11 +95,19 @@ def test_mismatch_keeps_the_reply_and_swaps_the_persona(pairs):
         assert persona_key(pair["rejected_facts"]) != persona_key(pair["facts"])
 
 
-def test_contradiction_names_its_fact_and_differs_only_by_the_negation(pairs):
-    for pair in (p for p in pairs if p["strategy"] == "contradiction"):
+def test_contradiction_pairs_carry_no_recitation_bonus(pairs):
+    """Both sides are the reply plus a negated fact, so neither restating a fact nor saying "not" wins the pair:
+    rejected negates one of the persona's own facts, chosen a fact of another persona on another topic."""
+    contradictions = [p for p in pairs if p["strategy"] == "contradiction"]
+    assert contradictions
+    for pair in contradictions:
+        own_words = {word for fact in pair["facts"] for word in content_words(fact)}
         assert pair["fact"] in pair["facts"] and pair["negation"] == negate(pair["fact"])
-        assert pair["chosen"].endswith(pair["fact"].strip()) and pair["rejected"].endswith(pair["negation"])
-        assert pair["chosen"][: -len(pair["fact"].strip())] == pair["rejected"][: -len(pair["negation"])]
+        assert pair["other_negation"] == negate(pair["other_fact"])
+        assert not own_words & set(content_words(pair["other_fact"]))  # denying it contradicts nothing held
+        reply = pair["chosen"][: -len(pair["other_negation"]) - 1]
+        assert pair["chosen"] == f"{reply} {pair['other_negation']}"
+        assert pair["rejected"] == f"{reply} {pair['negation']}"
 
 
 def test_generic_rejected_is_bland_or_from_another_dialogue(pairs, train_dialogues):

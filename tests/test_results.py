@@ -32,6 +32,9 @@ def test_a_results_folder_gets_its_own_table_and_marks(tmp_path):
     assert "| F1 | +0.500 [+0.250, +0.750] * (n=99) |" in text
     align = json.loads((spc / "align.json").read_text())  # the valid split's figure, beside the test split's
     assert f"| cpu-spc | ppo | model | {align['reward_gain']:+.3f} [{align['reward_gain_ci_low']:+.3f}, " in text
+    reward = json.loads((spc / "reward.json").read_text())  # the default run's pairs hold contradiction pairs
+    assert f"contradiction pairs {reward['accuracy_contradiction']:.3f} [" in text
+    assert f"(n={reward['n_contradiction']}); length-matched" in text
     assert results.write(readme, check=True)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import get_peft_model
@@ -184,3 +185,17 @@ def test_held_out_chats_score_mismatch_pairs_as_they_were_trained(pairs_dir, tok
         assert chats["chosen"][i] != chats["rejected"][i] and chats["rejected"][i][0]["content"].endswith(
             pair["rejected_facts"][-1])
         assert reward_stage.encode_chat(tokenizer, chats["rejected"][i], 256) == rows["rejected_ids"][i]
+
+
+def test_held_out_accuracies_the_persona_decides_carry_dialogue_cis():
+    """Mismatch and contradiction accuracies each get a CI that resamples dialogues; other strategies do not."""
+    strategies = ["mismatch"] * 6 + ["contradiction"] * 6 + ["generic"] * 2
+    pairs = [{"strategy": s, "dialogue": f"d{i % 3}", "chosen": "a b", "rejected": "a c"}
+             for i, s in enumerate(strategies)]
+    # every dialogue's mismatch pairs are right; contradiction pairs are right in dialogue d0 only
+    chosen = np.array([1.0] * 6 + [1.0 if i % 3 == 0 else 0.0 for i in range(6, 12)] + [1.0, 0.0])
+    metrics = held_out_metrics(pairs, {"chosen": chosen, "rejected": np.zeros(14)}, seed=0)
+    assert (metrics["accuracy_mismatch_ci_low"], metrics["accuracy_mismatch_ci_high"]) == (1.0, 1.0)
+    assert metrics["accuracy_contradiction"] == round(2 / 6, 4) and metrics["n_contradiction"] == 6
+    assert metrics["accuracy_contradiction_ci_low"] == 0.0 and metrics["accuracy_contradiction_ci_high"] == 1.0
+    assert "accuracy_generic_ci_low" not in metrics
