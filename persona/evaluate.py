@@ -269,18 +269,38 @@ def perplexity_rows(dialogues: list[Dialogue], tokenizer, max_length: int, limit
     return rows, owners
 
 
+def likelihood_prompts(dialogues: list[Dialogue], prompts: list[Prompt], cfg: EvaluateConfig, seed: int
+                       ) -> list[Prompt]:
+    """The prompts of the sampling-free persona metrics: the first `likelihood_n` generation prompts, and where
+    `likelihood_n` exceeds them, further seeded items of the split. Scoring a gold reply under K personas costs a
+    fraction of generating and judging a reply, and persona Hits@1 is one bit per prompt, so its paired CI needs
+    more prompts than the generation metrics do. The generation prompts stay the same whatever `likelihood_n`."""
+    if cfg.likelihood_n <= len(prompts):
+        return prompts[:cfg.likelihood_n]
+    taken = {(p.dialogue, p.speaker, tuple(p.history), p.gold) for p in prompts}
+    every = select_prompts(dialogues, sum(len(d.turns) for d in dialogues), cfg.max_history_turns,
+                           derive_seed(seed, "likelihood_prompts"))
+    more = [p for p in every if (p.dialogue, p.speaker, tuple(p.history), p.gold) not in taken]
+    return prompts + more[:cfg.likelihood_n - len(prompts)]
+
+
 def build_context(dialogues: list[Dialogue], tokenizer, cfg: EvaluateConfig, max_length: int, seed: int,
                   reward=None) -> dict:
     """Everything shared by all policies: prompts, candidates, judges, and every sequence scored, tokenised
     once; drawn once so policies compare on the same items."""
     rng = random.Random(seed)
     prompts = select_prompts(dialogues, cfg.n, cfg.max_history_turns, seed)
+    scored = likelihood_prompts(dialogues, prompts, cfg, seed)
     pool = {persona_key(p): p for d in dialogues for p in d.personas}
     embedder = Embedder(cfg.embedding_model)
     nli, nli_reason = load_nli(cfg.nli_model)
     grounding_candidates = [distractor_personas(p.facts, pool, cfg.grounding_candidates, rng) for p in prompts]
     persona_candidates = [distractor_personas(p.facts, pool, cfg.persona_candidates, rng)
-                          for p in prompts[:cfg.likelihood_n]]
+                          for p in scored[:len(prompts)]]
+    # prompts beyond the n draw from a stream of their own: every other draw is the same as with likelihood_n = n
+    scored_rng = random.Random(derive_seed(seed, "likelihood_candidates"))
+    persona_candidates += [distractor_personas(p.facts, pool, cfg.persona_candidates, scored_rng)
+                           for p in scored[len(prompts):]]
     replies_by_dialogue = [(d.id, text) for d in dialogues for _, text in d.turns]
     reply_candidates = []
     for p in prompts[:cfg.hits_n]:
@@ -289,8 +309,8 @@ def build_context(dialogues: list[Dialogue], tokenizer, cfg: EvaluateConfig, max
         reply_candidates.append(candidate_set(tokenizer, p.chat(), texts))
     # the true persona's row of the first hits_n prompts is reply Hits@1's gold candidate: not scored twice
     persona_rows = chat_rows(tokenizer, [p.chat(facts, p.gold) for i, (p, candidates)
-                                         in enumerate(zip(prompts, persona_candidates))
-                                         for facts in candidates[1 if i < cfg.hits_n else 0:]])
+                                         in enumerate(zip(scored, persona_candidates))
+                                         for facts in candidates[1 if i < len(reply_candidates) else 0:]])
     gold_ground = grounding(embedder, [p.gold for p in prompts], grounding_candidates)
     starters = [d for d in dialogues if sum(1 for s, _ in d.turns if s == 0) > 1]
     multiturn_dialogues = rng.sample(starters, min(cfg.multiturn_n, len(starters)))
@@ -300,13 +320,14 @@ def build_context(dialogues: list[Dialogue], tokenizer, cfg: EvaluateConfig, max
     ppl_rows, ppl_dialogues = perplexity_rows(dialogues, tokenizer, max_length, cfg.perplexity_sequences)
     owners = [p.dialogue for p in prompts]
     return {
-        "seed": seed, "prompts": prompts, "embedder": embedder, "nli": nli, "nli_reason": nli_reason,
+        "seed": seed, "prompts": prompts, "likelihood_prompts": scored, "embedder": embedder, "nli": nli,
+        "nli_reason": nli_reason,
         "grounding_candidates": grounding_candidates, "persona_candidates": persona_candidates,
         "persona_rows": persona_rows, "reply_candidates": reply_candidates, "gold_grounding": gold_ground,
         "relevant": relevant, "perplexity_rows": ppl_rows,
         # the dialogue of each item, per prompt set: the clusters every CI resamples
         "clusters": {"prompts": owners, "relevant": [o for o, r in zip(owners, relevant) if r],
-                     "likelihood": owners[:cfg.likelihood_n], "hits": owners[:cfg.hits_n],
+                     "likelihood": [p.dialogue for p in scored], "hits": owners[:cfg.hits_n],
                      "perplexity": ppl_dialogues, "multiturn": [d.id for d in multiturn_dialogues]},
         "multiturn_dialogues": multiturn_dialogues, "multiturn_candidates": multiturn_candidates, "reward": reward,
     }
@@ -353,13 +374,16 @@ def evaluate(dialogues: list[Dialogue], cfg: EvaluateConfig, base_path: Path, ad
         if reward_path is not None else None
     context = build_context(dialogues, tokenizer, cfg, max_length, seed, reward)
     prompts, clusters = context["prompts"], context["clusters"]
-    digest = hashlib.sha256(json.dumps([[p.dialogue, p.gold] for p in prompts]).encode()).hexdigest()[:16]
+    scored_only = context["likelihood_prompts"][len(prompts):]  # none unless likelihood_n > n: digests stay
+    digest = hashlib.sha256(json.dumps([[p.dialogue, p.gold] for p in prompts + scored_only]).encode()
+                            ).hexdigest()[:16]
     if reference is not None and reference["result"]["prompts_digest"] != digest:
         raise ConfigError("evaluate: metrics/eval_reference.json was made on other prompts (other data, seed or "
                           "evaluate params); rerun its stage: dvc repro evaluate_reference")
     result = {"n_prompts": len(prompts), "n_dialogues": len(dialogues), "prompts_digest": digest,
               # the clusters the CIs resample: dialogues the prompts of each family come from
               "n_prompt_dialogues": len(set(clusters["prompts"])),
+              "n_likelihood_prompts": len(clusters["likelihood"]),
               "n_likelihood_dialogues": len(set(clusters["likelihood"])),
               "n_hits_dialogues": len(set(clusters["hits"])),
               "time_setup_s": round(time.perf_counter() - started, 1),
@@ -459,7 +483,7 @@ def report_markdown(result: dict, policies: list[str]) -> str:
     lines = ["# Evaluation report", "",
              f"Generation metrics: {result['n_prompts']} held-out prompts from {result['n_prompt_dialogues']} "
              f"dialogues (of {result['n_dialogues']} in the split); persona likelihood: "
-             f"{min(config['likelihood_n'], result['n_prompts'])} prompts from {result['n_likelihood_dialogues']} "
+             f"{result['n_likelihood_prompts']} prompts from {result['n_likelihood_dialogues']} "
              f"dialogues; reply Hits@1: {min(config['hits_n'], result['n_prompts'])} prompts from "
              f"{result['n_hits_dialogues']} dialogues. 95% CIs in brackets resample dialogues, not prompts. "
              "`gold` scores the dataset's own replies with the same judges.", "",

@@ -66,9 +66,11 @@ def run_section(name: str, folder: Path, shown: Path) -> str:
     align = json.loads((folder / "align.json").read_text())
     policies = evaluation["config"]["policies"]
     aligned = [p for p in policies if p not in ("base", "sft")]
-    lines = [f"**{name}** (`{shown.as_posix()}/`): {evaluation['n_prompts']} test prompts from "
-             f"{evaluation['n_prompt_dialogues']} dialogues; persona likelihood and Hits@1/5 on the first "
-             f"{evaluation['sft'].get('persona_gain_n')} ({evaluation['n_likelihood_dialogues']} dialogues); "
+    scored, generated = evaluation["sft"].get("persona_gain_n"), evaluation["n_prompts"]
+    which = f"the first {scored}" if scored <= generated else f"{scored}, these and {scored - generated} more"
+    lines = [f"**{name}** (`{shown.as_posix()}/`): {generated} test prompts from "
+             f"{evaluation['n_prompt_dialogues']} dialogues; persona likelihood and Hits@1/5 on {which} "
+             f"({evaluation['n_likelihood_dialogues']} dialogues); "
              f"reply Hits@1/20 on {evaluation['n_hits_dialogues']} dialogues' prompts; 95% CIs resample dialogues.",
              "", "| metric | " + " | ".join(policies) + " | gold |", "|---" * (len(policies) + 2) + "|"]
     for key, label in ROWS:

@@ -246,3 +246,26 @@ def test_the_reference_stage_and_evaluate_give_what_one_pass_gives(test_dialogue
     with pytest.raises(ConfigError, match="other prompts"):
         evaluate(test_dialogues, dataclasses.replace(both, policies=["sft"], n=5), tiny_model_dir,
                  {"sft": sft_adapter}, 256, seed=0, reference=reference)
+
+
+def test_likelihood_n_above_n_scores_more_prompts_and_keeps_the_generation_ones(test_dialogues, tiny_model_dir,
+                                                                                sft_adapter):
+    """Persona Hits@1 is one bit per prompt: its paired CI needs more prompts than generation can afford, so
+    likelihood_n > n scores further prompts of the split while the n generation prompts and their metrics stay."""
+    cfg = dataclasses.replace(params_with(evaluate=SMALL).evaluate, policies=["sft"], likelihood_n=SMALL["n"])
+    more = dataclasses.replace(cfg, likelihood_n=14)
+    few, few_samples, _ = evaluate(test_dialogues, cfg, tiny_model_dir, {"sft": sft_adapter}, 256, seed=0)
+    many, many_samples, per = evaluate(test_dialogues, more, tiny_model_dir, {"sft": sft_adapter}, 256, seed=0)
+    assert many["sft"]["persona_gain_n"] == len(per["sft"]["persona_hits1"]) == 14
+    assert many["n_likelihood_prompts"] == 14
+    assert many["n_prompts"] == few["n_prompts"] == 6 and many_samples == few_samples
+    assert many["gold"] == few["gold"]
+    for key in [k for k in few["sft"] if not k.startswith(("persona_", "time_", "generation_tokens"))]:
+        assert many["sft"][key] == few["sft"][key], key  # the same draws: candidates, conversations, judges
+    assert many["prompts_digest"] != few["prompts_digest"]  # evaluate's reference check sees the extra prompts
+    from persona.evaluate import likelihood_prompts
+
+    generation = select_prompts(test_dialogues, more.n, more.max_history_turns, seed=0)
+    scored = likelihood_prompts(test_dialogues, generation, more, seed=0)
+    keys = [(p.dialogue, p.speaker, tuple(p.history), p.gold) for p in scored]
+    assert scored[:more.n] == generation and len(set(keys)) == len(keys) == 14
