@@ -47,28 +47,40 @@ BLAND_REPLIES = (
     "i see. well, life is like that sometimes.", "really? i did not know that.", "me too, i think.",
 )
 
+# Adverbs a verb may follow ("I just moved", "I currently work"): dropped from the denial, which would otherwise put
+# "don't" before them. Past tenses without -ed: "I don't grew up" is no sentence, "I never grew up" is.
+_ADVERB = r"(?:also |really |just |recently |currently |now |often |only |usually |still )?"
+_IRREGULAR_PAST = ("became", "began", "bought", "broke", "brought", "built", "came", "caught", "chose", "drove", "ate",
+                   "fell", "felt", "flew", "forgot", "found", "gave", "got", "grew", "had", "heard", "held", "kept",
+                   "knew", "left", "lost", "made", "met", "paid", "ran", "rode", "sang", "saw", "sold", "sent",
+                   "slept", "spent", "spoke", "stole", "swam", "taught", "thought", "told", "took", "went", "won",
+                   "wore", "wrote")
 # (pattern on the fact without its final period, replacement); first match wins. Contractions
 # keep most negations as long as the fact, so length does not give the rejected side away.
 _NEGATIONS = [
     (r"^(i|I) (do not|don't) (.+)$", r"\1 \3"),
+    (r"^(i|I) (did not|didn't) (.+)$", r"\1 did \3"),
+    (r"^(i|I) (am|was|have|can|will) (not|never) (.+)$", r"\1 \2 \4"),
+    (r"^(i|I) never (.+)$", r"\1 \2"),
     (r"^(i|I) am (?!not\b)(.+)$", r"\1'm not \2"),
     (r"^(i|I)'m (?!not\b)(.+)$", r"\1'm not \2"),
     (r"^(i|I) have (been|had|lived|gone|seen|done|always|visited|traveled|met|won|worked)\b(.*)$",
      r"\1 haven't \2\3"),
     (r"^(i|I) have (?!not\b|never\b)(.+)$", r"\1 don't have \2"),
-    (r"^(i|I) (was|were) (?!not\b|never\b)(.+)$", r"\1 \2n't \3"),
+    (r"^(i|I) " + _ADVERB + r"(was|were) (?!not\b|never\b)(.+)$", r"\1 \2n't \3"),
+    (r"^(i|I) do ((?:like|love|enjoy|want|need|have) .+)$", r"\1 don't \2"),  # emphatic "do"; "I do yoga" is not
     (r"^(i|I) can (?!not\b)(.+)$", r"\1 can't \2"),
     (r"^(i|I) will (?!not\b)(.+)$", r"\1 won't \2"),
-    (r"^(i|I) (?:also |really )?(like|love|enjoy|adore)s? (.+)$", r"\1 hate \3"),
-    (r"^(i|I) (?:also |really )?hate (.+)$", r"\1 love \2"),
+    (r"^(i|I) " + _ADVERB + r"(like|love|enjoy|adore)s? (.+)$", r"\1 hate \3"),
+    (r"^(i|I) " + _ADVERB + r"hate (.+)$", r"\1 love \2"),
     (r"^(my|My) (.+?) (is|are|was|were) (?!not\b)(.+)$", r"\1 \2 \3n't \4"),
-    (r"^(i|I) (?:also |really )?(\w+ed) (.+)$", r"\1 never \2 \3"),
-    (r"^(i|I) (?:also |really )?(\w+) (.+)$", r"\1 don't \2 \3"),
+    (r"^(i|I) " + _ADVERB + r"(\w+ed|" + "|".join(_IRREGULAR_PAST) + r") (.+)$", r"\1 never \2 \3"),
+    (r"^(i|I) " + _ADVERB + r"(\w+) (.+)$", r"\1 don't \2 \3"),
 ]
 
 
 def negate(fact: str) -> str | None:
-    """The opposite of a first-person persona fact ("I have two dogs." -> "I do not have two dogs."), or None."""
+    """The opposite of a first-person persona fact ("I have two dogs." -> "I don't have two dogs."), or None."""
     body = fact.strip().rstrip(".!")
     for pattern, replacement in _NEGATIONS:
         if re.match(pattern, body):

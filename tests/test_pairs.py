@@ -53,6 +53,19 @@ def pairs(train_dialogues, tiny_model_dir, tokenizer):
     ("I play volleyball.", "I don't play volleyball."),
     ("I worked at a bank.", "I never worked at a bank."),
     ("Cooking is my passion.", None),
+    # SPC facts whose denial read "I don't grew up ...", "I don't just moved ...", "I don't am not ...":
+    ("I grew up in manhattan.", "I never grew up in manhattan."),
+    ("I won homecoming queen this year.", "I never won homecoming queen this year."),
+    ("I just moved into my first home.", "I never moved into my first home."),
+    ("I recently got an apartment with my best friend.", "I never got an apartment with my best friend."),
+    ("I currently work for a watch dealer.", "I don't work for a watch dealer."),
+    ("I am not a good swimmer at all.", "I am a good swimmer at all."),
+    ("I have never had a steady relationship.", "I have had a steady relationship."),
+    ("I did not graduate high school.", "I did graduate high school."),
+    ("I never broke a bone.", "I broke a bone."),
+    ("I recently was fired.", "I wasn't fired."),
+    ("I do like watching cooking shows.", "I don't like watching cooking shows."),
+    ("I do triathlons.", "I don't do triathlons."),
 ])
 def test_negation_states_the_opposite(fact, expected):
     assert negate(fact) == expected
