@@ -277,10 +277,13 @@ def likelihood_prompts(dialogues: list[Dialogue], prompts: list[Prompt], cfg: Ev
     more prompts than the generation metrics do. The generation prompts stay the same whatever `likelihood_n`."""
     if cfg.likelihood_n <= len(prompts):
         return prompts[:cfg.likelihood_n]
-    taken = {(p.dialogue, p.speaker, tuple(p.history), p.gold) for p in prompts}
+    def item(p: Prompt) -> tuple:
+        return p.dialogue, p.speaker, tuple(p.history), p.gold
+
+    taken = {item(p) for p in prompts}
     every = select_prompts(dialogues, sum(len(d.turns) for d in dialogues), cfg.max_history_turns,
                            derive_seed(seed, "likelihood_prompts"))
-    more = [p for p in every if (p.dialogue, p.speaker, tuple(p.history), p.gold) not in taken]
+    more = [p for p in every if item(p) not in taken]
     return prompts + more[:cfg.likelihood_n - len(prompts)]
 
 
