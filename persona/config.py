@@ -183,6 +183,7 @@ class RewardConfig(TrainConfig):
     lora_top_layers: int = 8
     score_batch_size: int = 16
     likelihood_personas: int = 3
+    likelihood_contrast: Literal["mean", "max"] = "mean"
     copy_penalty: float = 1.0
     repeat_penalty: float = 1.0
 

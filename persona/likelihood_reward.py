@@ -1,9 +1,12 @@
 """A reward that needs no training (`reward.kind: likelihood`): how much the persona explains the reply.
 
-    score = mean log p(reply | persona) - mean over K other personas of mean log p(reply | other persona)
+    score = mean log p(reply | persona) - contrast over K other personas of mean log p(reply | other persona)
             - copy_penalty x (persona facts the reply copies) - repeat_penalty x (the reply repeats a sentence)
 
 Log-probabilities are per reply token under the frozen SFT model (its LoRA merged in), with the same history.
+The contrast (`reward.likelihood_contrast`) is the others' mean, or their max: a margin over the persona that fits
+the reply best after the true one, above 0 only when the true persona explains the reply better than every other,
+which is what persona Hits@1 asks of a policy; the mean also pays for beating personas that never competed.
 A reply that only fits the conversation scores about 0 whatever its style or length, since the style is the same
 under every persona; one that uses the persona scores above 0. Reciting the persona would score highest of all,
 which is what policies trained on persona-consistency rewards alone learned to do (they loop their facts): the
@@ -29,7 +32,9 @@ from persona.chat_format import PERSONA_HEADER, persona_prompt
 from persona.data import persona_key
 from persona.scoring import ChatScorer, chat_rows, mean_logprobs
 
-CONFIG = "likelihood.json"  # in the reward folder: K, the penalties, the persona pool, the SFT adapter's digest
+CONFIG = "likelihood.json"  # in the reward folder: K, the contrast, the penalties, the persona pool, the SFT digest
+# what the reply's log-probability under its persona is compared with: the K others' mean or their max
+CONTRASTS = {"mean": lambda others: sum(others) / len(others), "max": max}
 
 
 def facts_of(chat: list[dict]) -> list[str]:
@@ -44,13 +49,16 @@ class LikelihoodReward(ChatScorer):
     """`score_chats(chats)`: one score per chat (system persona, history, final assistant reply), as RewardModel."""
 
     def __init__(self, model, tokenizer, personas: list[list[str]], k: int, copy_penalty: float,
-                 repeat_penalty: float, batch_size: int = 16):
+                 repeat_penalty: float, batch_size: int = 16, contrast: str = "mean"):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.pool = {persona_key(p): p for p in personas}
         if len(self.pool) < k + 1:
             raise ValueError(f"likelihood reward: {k} other personas asked for, {len(self.pool)} in the pool")
         self.keys = sorted(self.pool)
+        if contrast not in CONTRASTS:
+            raise ValueError(f"likelihood reward: contrast {contrast!r}, not one of {sorted(CONTRASTS)}")
         self.k, self.copy_penalty, self.repeat_penalty = k, copy_penalty, repeat_penalty
+        self.contrast = contrast
         self.batch_size = batch_size
 
     def others(self, chat: list[dict], facts: list[str]) -> list[list[str]]:
@@ -74,7 +82,8 @@ class LikelihoodReward(ChatScorer):
         logps = mean_logprobs(self.model, chat_rows(self.tokenizer, variants), self.tokenizer.pad_token_id,
                               self.batch_size)
         step = self.k + 1
-        gains = [logps[i] - sum(logps[i + 1:i + step]) / self.k for i in range(0, len(logps), step)]
+        contrast = CONTRASTS[self.contrast]
+        gains = [logps[i] - contrast(logps[i + 1:i + step]) for i in range(0, len(logps), step)]
         replies = [chat[-1]["content"] for chat in chats]
         return {"gain": gains,
                 "facts_copied": [float(M.facts_copied(reply, persona)) for reply, persona in zip(replies, facts)],
@@ -96,7 +105,7 @@ class LikelihoodReward(ChatScorer):
             raise ValueError(f"{sft_path}: not the SFT adapter the reward at {reward_path} was made with; rerun reward")
         model, tokenizer = load_sft_merged(base_path, sft_path, dtype, device)
         return cls(model, tokenizer, config["personas"], config["k"], config["copy_penalty"],
-                   config["repeat_penalty"], batch_size)
+                   config["repeat_penalty"], batch_size, config["contrast"])
 
 
 def load_sft_merged(base_path: Path, sft_path: Path, dtype: torch.dtype = torch.float32, device: str | None = None):
@@ -119,10 +128,11 @@ def adapter_digest(sft_path: Path) -> str:
     return hashlib.sha256((sft_path / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
-def config_text(sft_path: Path, personas: list[list[str]], k: int, copy_penalty: float, repeat_penalty: float) -> str:
-    """The reward folder's description of the scorer (`LikelihoodReward.load` reads it): K, the penalties, the
-    persona pool (unique, in a fixed order) and the SFT adapter's digest."""
+def config_text(sft_path: Path, personas: list[list[str]], k: int, copy_penalty: float, repeat_penalty: float,
+                contrast: str) -> str:
+    """The reward folder's description of the scorer (`LikelihoodReward.load` reads it): K, the contrast, the
+    penalties, the persona pool (unique, in a fixed order) and the SFT adapter's digest."""
     unique = {persona_key(p): p for p in personas}
-    return json.dumps({"k": k, "copy_penalty": copy_penalty, "repeat_penalty": repeat_penalty,
+    return json.dumps({"k": k, "contrast": contrast, "copy_penalty": copy_penalty, "repeat_penalty": repeat_penalty,
                        "sft_adapter_sha256": adapter_digest(sft_path),
                        "personas": [unique[key] for key in sorted(unique)]}, indent=1) + "\n"

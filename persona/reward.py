@@ -228,7 +228,8 @@ def run(params: Params, paths: Paths = DEFAULT, callbacks: tuple = ()) -> dict:
         scorer = likelihood_scorer(params, paths)
         parts["likelihood"] = score_held_out(scorer.score_chats, valid_pairs)
         files[LIKELIHOOD_CONFIG] = likelihood_config_text(paths.sft, scorer.pool.values(), cfg.likelihood_personas,
-                                                          cfg.copy_penalty, cfg.repeat_penalty)
+                                                          cfg.copy_penalty, cfg.repeat_penalty,
+                                                          cfg.likelihood_contrast)
     part_stats = {name: _stats(scores) for name, scores in parts.items()}
     scores = parts[cfg.kind] if cfg.kind in parts else combine(parts, part_stats)
     held = held_out_metrics(valid_pairs, scores, params.seed)
@@ -264,7 +265,7 @@ def likelihood_scorer(params: Params, paths: Paths) -> LikelihoodReward:
     personas = [p for d in read_dialogues(paths.prepared / "train.jsonl") for p in d.personas]
     model, tokenizer = load_sft_merged(paths.base, paths.sft, scorer_compute(cfg).dtype, str(PartialState().device))
     return LikelihoodReward(model, tokenizer, personas, cfg.likelihood_personas, cfg.copy_penalty,
-                            cfg.repeat_penalty, cfg.score_batch_size)
+                            cfg.repeat_penalty, cfg.score_batch_size, cfg.likelihood_contrast)
 
 
 def scorer_compute(cfg) -> Compute:

@@ -55,6 +55,25 @@ def test_score_is_the_likelihood_gain_minus_the_penalties(scorer):
     assert scorer.parts([plain])["facts_copied"] == [0.0] and scorer.parts([plain])["repeats"] == [0.0]
 
 
+def test_max_contrast_is_the_margin_over_the_best_fitting_other_persona(scorer):
+    """reward.likelihood_contrast: max compares with the other persona that explains the reply best, so the gain is
+    above 0 only when the true persona beats every other (persona Hits@1's question), and never above the mean's."""
+    strongest = LikelihoodReward(scorer.model, scorer.tokenizer, [FACTS, *OTHERS], k=2, copy_penalty=0.7,
+                                 repeat_penalty=0.3, batch_size=3, contrast="max")
+    chats = [messages_for(FACTS, [*HISTORY, (0, reply)], 0)
+             for reply in ("I look after patients at night.", "I fix cars in Ohio.", "I have two dogs.")]
+    for chat in chats:
+        variants = [[{"role": "system", "content": persona_prompt(p)}, *chat[1:]]
+                    for p in [FACTS, *strongest.others(chat, FACTS)]]
+        logps = mean_logprobs(scorer.model, chat_rows(scorer.tokenizer, variants), scorer.tokenizer.pad_token_id, 1)
+        copied = strongest.parts([chat])["facts_copied"][0]
+        assert strongest.score_chats([chat]) == pytest.approx([logps[0] - max(logps[1:]) - 0.7 * copied], abs=1e-5)
+    assert all(low <= high + 1e-6 for low, high in zip(strongest.parts(chats)["gain"], scorer.parts(chats)["gain"]))
+    with pytest.raises(ValueError, match="contrast 'median'"):
+        LikelihoodReward(scorer.model, scorer.tokenizer, [FACTS, *OTHERS], k=2, copy_penalty=0, repeat_penalty=0,
+                         contrast="median")
+
+
 def test_other_personas_depend_on_the_prompt_only(scorer):
     chats = [messages_for(FACTS, [*HISTORY, (0, reply)], 0) for reply in ("I am a nurse.", "I work at a bank.")]
     first, second = (scorer.others(chat, FACTS) for chat in chats)
@@ -96,8 +115,8 @@ def stage_paths(root: Path, tiny_model_dir: Path, sft_adapter: Path, out: Path) 
 
 def test_likelihood_reward_stage_saves_a_scorer_align_and_evaluate_load(stage_inputs, tiny_model_dir, sft_adapter,
                                                                         tmp_path):
-    params = params_with(reward={"kind": "likelihood", "likelihood_personas": 2, "score_batch_size": 4},
-                         model={"max_length": 256})
+    params = params_with(reward={"kind": "likelihood", "likelihood_personas": 2, "likelihood_contrast": "max",
+                                 "score_batch_size": 4}, model={"max_length": 256})
     paths = stage_paths(stage_inputs, tiny_model_dir, sft_adapter, tmp_path)
     metrics = reward_stage.run(params, paths)
     assert metrics["kind"] == "likelihood" and metrics["n_pairs"] == 12 and "steps" not in metrics
@@ -108,7 +127,7 @@ def test_likelihood_reward_stage_saves_a_scorer_align_and_evaluate_load(stage_in
     assert sorted(p.name for p in curves.iterdir()) == ["accuracy.tsv", "margin.tsv"]
     assert sorted(p.name for p in paths.reward.iterdir()) == [CONFIG, reward_stage.REWARD_INFO]
     loaded = load_scorer(tiny_model_dir, paths.reward, sft_adapter, "cpu", batch_size=4)
-    assert isinstance(loaded, LikelihoodReward) and loaded.k == 2
+    assert isinstance(loaded, LikelihoodReward) and loaded.k == 2 and loaded.contrast == "max"
     chats = reward_stage.held_out_chats(read_pairs(stage_inputs / "pairs" / "valid.jsonl"))["chosen"]
     scores = loaded.score_chats(chats)
     info = json.loads((paths.reward / reward_stage.REWARD_INFO).read_text())
