@@ -105,7 +105,7 @@ class LikelihoodReward(ChatScorer):
             raise ValueError(f"{sft_path}: not the SFT adapter the reward at {reward_path} was made with; rerun reward")
         model, tokenizer = load_sft_merged(base_path, sft_path, dtype, device)
         return cls(model, tokenizer, config["personas"], config["k"], config["copy_penalty"],
-                   config["repeat_penalty"], batch_size, config["contrast"])
+                   config["repeat_penalty"], batch_size, config.get("contrast", "mean"))  # older folders: mean
 
 
 def load_sft_merged(base_path: Path, sft_path: Path, dtype: torch.dtype = torch.float32, device: str | None = None):

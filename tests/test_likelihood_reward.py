@@ -133,6 +133,10 @@ def test_likelihood_reward_stage_saves_a_scorer_align_and_evaluate_load(stage_in
     info = json.loads((paths.reward / reward_stage.REWARD_INFO).read_text())
     assert info["kind"] == "likelihood" and info["score_std"] > 0
     assert len(scores) == 12 and len({round(s, 5) for s in scores}) > 1
+    saved = json.loads((paths.reward / CONFIG).read_text())  # a folder made before the contrast existed: mean
+    (paths.reward / CONFIG).write_text(json.dumps({k: v for k, v in saved.items() if k != "contrast"}))
+    assert load_scorer(tiny_model_dir, paths.reward, sft_adapter, "cpu").contrast == "mean"
+    (paths.reward / CONFIG).write_text(json.dumps(saved))
     # a checkpoint of a policy trained against this scorer depends on its config (there is no reward adapter)
     for fingerprint in (lambda p: run_fingerprint(p, paths, 1), lambda p: grpo.fingerprint(p, paths)):
         before = fingerprint(params)
