@@ -8,10 +8,11 @@ from __future__ import annotations
 from persona.config import Params
 from persona.dpo import train_dpo
 from persona.grpo import train_grpo
+from persona.mdpo import train_mdpo
 from persona.paths import DEFAULT, Paths
 from persona.ppo.trainer import train_ppo
 
-TRAINERS = {"ppo": train_ppo, "dpo": train_dpo, "grpo": train_grpo}
+TRAINERS = {"ppo": train_ppo, "dpo": train_dpo, "grpo": train_grpo, "mdpo": train_mdpo}
 
 
 def run(params: Params, paths: Paths = DEFAULT, stop_after: int | None = None) -> dict:

@@ -18,7 +18,7 @@ import yaml
 
 BUNDLED_MODELS = ("smollm2-135m-instruct",)
 DATA_SOURCES = ("sample", "hub")
-ALGORITHMS = ("ppo", "dpo", "grpo")  # what the `align` stage can run
+ALGORITHMS = ("ppo", "dpo", "grpo", "mdpo")  # what the `align` stage can run
 # base model, + SFT adapter, + the aligned adapter: `aligned` (whatever align.algorithm trains) or its algorithm's name
 POLICIES = ("base", "sft", "aligned", *ALGORITHMS)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -259,7 +259,8 @@ class PPOConfig:
 
 @dataclass(frozen=True)
 class TRLAlignConfig(TrainConfig):
-    """What the TRL align algorithms (dpo, grpo) share: the KL strength, and how the held-out reward samples."""
+    """What the Trainer-based align algorithms (dpo, grpo, mdpo) share: the KL strength, and how the held-out reward
+    samples."""
     beta: float = 0.1
     eval_n: int = 32
     max_history_turns: int = 4
@@ -308,6 +309,22 @@ class GRPOConfig(TRLAlignConfig):
                f"must be a multiple of {section}.num_generations (whole groups of one prompt's replies)")
         _check(self.max_eval_sequences > 0, f"{section}.max_eval_sequences", "must be > 0")
         _check(self.missing_eos_penalty <= 0, f"{section}.missing_eos_penalty", "must be <= 0")
+
+
+@dataclass(frozen=True)
+class MDPOConfig(DPOConfig):
+    """mDPO's conditional preference on gold train replies under their own vs another persona (persona/mdpo.py),
+    used when align.algorithm: mdpo: DPO's settings, and where its pairs come from."""
+    max_eval_sequences: int = 64
+    train_n: int = 320
+    anchor_weight: float = 1.0
+
+    def validate(self, section: str) -> None:
+        super().validate(section)
+        _check(self.train_n > 0, f"{section}.train_n", "must be > 0")
+        _check(self.max_eval_sequences > 0, f"{section}.max_eval_sequences",
+               "must be > 0 (the held-out pairs the SFT policy and the trained one are compared on)")
+        _check(self.anchor_weight >= 0, f"{section}.anchor_weight", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -384,6 +401,7 @@ class Params:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    mdpo: MDPOConfig = field(default_factory=MDPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def validate(self, base_dir: Path) -> None:
@@ -399,6 +417,7 @@ class Params:
         self.ppo.validate()
         self.dpo.validate("dpo")
         self.grpo.validate("grpo")
+        self.mdpo.validate("mdpo")
         self.evaluate.validate()
         for name in self.evaluate.policies:
             _check(name in ("base", "sft", "aligned", self.align.algorithm), "evaluate.policies",

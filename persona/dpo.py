@@ -20,7 +20,7 @@ from persona.chat_format import messages_for
 from persona.config import ConfigError, Params
 from persona.distributed import watch_ranks
 from persona.hardware import resolve_compute
-from persona.held_out import gathered_scores, reward_metrics, sample_chats
+from persona.held_out import sample_chats
 from persona.pairs import read_pairs
 from persona.paths import Paths
 
@@ -86,10 +86,7 @@ def train_dpo(params: Params, paths: Paths, stop_after: int | None = None) -> di
     if trl_align.stopped_early(trainer):
         return {"stopped_after": trainer.state.global_step}
 
-    policy_chats = sample_chats(model, tokenizer, prompts, decoding)
-    reward_model, _ = trl_align.load_reward_model(params, paths, compute, cfg.batch_size)
-    rewards = reward_metrics(gathered_scores(reward_model, sft_chats, len(prompts)),
-                             gathered_scores(reward_model, policy_chats, len(prompts)), params.seed, "dpo")
+    rewards = trl_align.held_out_rewards(params, paths, compute, cfg, model, tokenizer, prompts, decoding, sft_chats)
     trl_align.save_policy(model, tokenizer, paths, checkpoint_dir, state.is_main_process)
     held = trl_align.last_eval(trainer)
     return {**trl_align.run_summary(trainer, resume, compute, ranks, state.num_processes, result, started),

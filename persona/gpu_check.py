@@ -57,16 +57,18 @@ GPU_ROWS = {"sft": (("nf4", "fp16"), ("nf4", "bf16"), ("none", "bf16")),
             "reward": (("nf4", "fp16"), ("nf4", "bf16")),
             "ppo": (("nf4", "fp16"), ("nf4", "bf16")),
             "dpo": (("nf4", "fp16"), ("nf4", "bf16")),
-            "grpo": (("nf4", "fp16"), ("nf4", "bf16"))}
-# the TRL align algorithms run unquantised only on a CPU: their nf4 + fp32 path is the reward stage's (the same
-# build_trainer cast), and each tiny row costs CI ~10 s
-CPU_ROWS = {stage: (("none", "fp32"),) if stage in ("dpo", "grpo") else (("none", "fp32"), ("nf4", "fp32"))
+            "grpo": (("nf4", "fp16"), ("nf4", "bf16")),
+            "mdpo": (("nf4", "fp16"), ("nf4", "bf16"))}
+TRAINER_ALIGN = ("dpo", "grpo", "mdpo")  # the align algorithms built on a (TRL or transformers) Trainer
+# those run unquantised only on a CPU: their nf4 + fp32 path is the reward stage's (the same build_trainer cast),
+# and each tiny row costs CI ~10 s
+CPU_ROWS = {stage: (("none", "fp32"),) if stage in TRAINER_ALIGN else (("none", "fp32"), ("nf4", "fp32"))
             for stage in GPU_ROWS}
 # `--size tiny` uses this share of the sample: rendering the SFT dataset's chat templates, not training,
 # is most of a tiny SFT run's time, and a few tiny steps need few conversations.
 TINY_SAMPLE_FRACTION = 0.25
 # the Paths field each stage writes
-STAGE_OUTPUT = {"sft": "sft", "reward": "reward", "ppo": "policy", "dpo": "policy", "grpo": "policy"}
+STAGE_OUTPUT = {"sft": "sft", "reward": "reward", "ppo": "policy", **{stage: "policy" for stage in TRAINER_ALIGN}}
 
 
 def load_tokenizer(folder: Path | None):
@@ -129,6 +131,9 @@ def check_params(size: str, steps: int) -> Params:
                                 max_history_turns=2 if tiny else 4, **short),
         grpo=dataclasses.replace(params.grpo, max_steps=2 if tiny else 3, batch_size=4 if tiny else 16,
                                  num_generations=2 if tiny else 4, max_eval_sequences=4, eval_n=4 if tiny else 8,
+                                 max_new_tokens=6 if tiny else 32, max_history_turns=2 if tiny else 4, **short),
+        mdpo=dataclasses.replace(params.mdpo, max_steps=2 if tiny else 4, batch_size=2 if tiny else 8,
+                                 train_n=8 if tiny else 64, max_eval_sequences=4, eval_n=4 if tiny else 8,
                                  max_new_tokens=6 if tiny else 32, max_history_turns=2 if tiny else 4, **short),
     )
     params.validate(Path("."))  # the cut-down values must still be valid params
@@ -206,7 +211,7 @@ def run_stage(stage: str, params: Params, paths: Paths) -> dict:
     if stage == "ppo":
         with ppo_step_clock(durations):
             metrics = align.run(params, paths)
-    elif stage in ("dpo", "grpo"):  # no step clock: their TRL trainers are built inside align.run
+    elif stage in TRAINER_ALIGN:  # no step clock: their trainers are built inside align.run
         metrics = align.run(dataclasses.replace(params, align=dataclasses.replace(params.align, algorithm=stage)),
                             paths)
     else:
@@ -279,18 +284,18 @@ def run_rows(size: str, steps: int, work: Path, tokenizer) -> tuple[list[dict], 
     rows, adapter = stage_rows("sft", runs["sft"], params, paths, work)
     if adapter is None:
         return rows + [empty_row(stage, error="skipped: no SFT run passed")
-                       for stage in ("pairs", "reward", "ppo", "dpo", "grpo")], skipped
+                       for stage in ("pairs", "reward", "ppo", *TRAINER_ALIGN)], skipped
     paths = dataclasses.replace(paths, sft=adapter)
     rows.append(timed("pairs", "none", "fp32", run_pairs, params, paths))
     if rows[-1]["error"]:
         return rows + [empty_row(stage, error="skipped: the pairs run failed")
-                       for stage in ("reward", "ppo", "dpo", "grpo")], skipped
+                       for stage in ("reward", "ppo", *TRAINER_ALIGN)], skipped
     reward_rows, reward_model = stage_rows("reward", runs["reward"], params, paths, work)
     rows += reward_rows
     if reward_model is None:
-        return rows + [empty_row(stage, error="skipped: no reward run passed") for stage in ("ppo", "dpo", "grpo")
+        return rows + [empty_row(stage, error="skipped: no reward run passed") for stage in ("ppo", *TRAINER_ALIGN)
                        ], skipped
-    for stage in ("ppo", "dpo", "grpo"):
+    for stage in ("ppo", *TRAINER_ALIGN):
         rows += stage_rows(stage, runs[stage], params, dataclasses.replace(paths, reward=reward_model), work)[0]
     return rows, skipped
 

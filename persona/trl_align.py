@@ -1,5 +1,6 @@
-"""What the align algorithms built on TRL trainers (dpo, grpo) share: the policy they start from, the run's
-fingerprint, the reward model, a stop for resume tests, and the end of a run (adapter saved, common metrics).
+"""What the align algorithms built on TRL trainers (dpo, grpo) and on transformers' Trainer (mdpo) share: the policy
+they start from, the run's fingerprint, the reward model, a stop for resume tests, and the end of a run (adapter saved,
+common metrics).
 
 The policy is the base model with the SFT adapter loaded as peft's trainable `default` adapter, so training starts
 from the SFT policy. Given such a PeftModel, TRL 1.x's DPOTrainer (always) and GRPOTrainer (when beta > 0) add a
@@ -19,7 +20,7 @@ from transformers import TrainerCallback
 from persona import training
 from persona.config import Params, TRLAlignConfig
 from persona.hardware import Compute, run_metrics
-from persona.held_out import full_softmax, held_out_prompts
+from persona.held_out import full_softmax, gathered_scores, held_out_prompts, reward_metrics, sample_chats
 from persona.models import load_for_training, save_model
 from persona.paths import Paths
 from persona.reward import REWARD_INFO, load_scorer
@@ -59,6 +60,16 @@ def held_out(params: Params, paths: Paths, cfg: TRLAlignConfig):
     prompts = held_out_prompts(paths.prepared, cfg.eval_n, cfg.max_history_turns, params.seed)
     return prompts, full_softmax(cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
                                  derive_seed(params.seed, "held-out-reward"))
+
+
+def held_out_rewards(params: Params, paths: Paths, compute: Compute, cfg: TRLAlignConfig, model, tokenizer, prompts,
+                     decoding, sft_chats: list[list[dict]]) -> dict:
+    """`held_out.reward_metrics` of the trained policy against `sft_chats` (the SFT policy's samples of `prompts`,
+    taken before training), for an algorithm whose training needs no reward model: loaded only now."""
+    policy_chats = sample_chats(model, tokenizer, prompts, decoding)
+    reward_model, _ = load_reward_model(params, paths, compute, cfg.batch_size)
+    scores = [gathered_scores(reward_model, chats, len(prompts)) for chats in (sft_chats, policy_chats)]
+    return reward_metrics(*scores, params.seed, params.align.algorithm)
 
 
 class StopAfter(TrainerCallback):

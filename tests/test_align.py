@@ -1,6 +1,6 @@
-"""DPO and GRPO (TRL trainers) as align algorithms on the tiny random model: the run writes the adapter and metrics
-with fp32 trainable weights, resumes a stopped run to the same adapter, refuses another run's checkpoint, DPO
-learns a preference, GRPO samples what it scores."""
+"""DPO, GRPO (TRL trainers) and mDPO (transformers' Trainer) as align algorithms on the tiny random model: the run
+writes the adapter and metrics with fp32 trainable weights, resumes a stopped run to the same adapter, refuses another
+run's checkpoint, DPO learns a preference, GRPO samples what it scores, mDPO learns which persona a reply is from."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from persona import align, data, dpo, grpo, training
+from persona import align, data, dpo, grpo, mdpo, training
 from persona.config import ALGORITHMS, POLICIES, ConfigError
 from persona.dpo import preference_rows
 from persona.likelihood import reply_logprobs
@@ -27,6 +27,7 @@ from tests.test_ppo import reward_adapter  # noqa: F401 (a fixture)
 TINY_DPO = {"max_steps": 2, "batch_size": 2, "save_steps": 1, "eval_steps": 2, "logging_steps": 1, "warmup_ratio": 0.0,
             "lr": 1e-2, "max_eval_sequences": 1, "eval_n": 2, "max_new_tokens": 4, "max_history_turns": 1}
 TINY_GRPO = {**TINY_DPO, "num_generations": 2}
+TINY_MDPO = {**TINY_DPO, "train_n": 8, "max_eval_sequences": 4, "lr": 5e-3}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def straight(inputs, tmp_path_factory):
 
 
 def params_for(algorithm: str, **changes):
-    section = {"dpo": TINY_DPO, "grpo": TINY_GRPO}[algorithm]
+    section = {"dpo": TINY_DPO, "grpo": TINY_GRPO, "mdpo": TINY_MDPO}[algorithm]
     return params_with(align={"algorithm": algorithm}, model={"max_length": 256},
                        evaluate={"policies": ["base", "sft", algorithm]}, **{algorithm: {**section, **changes}})
 
@@ -115,7 +116,7 @@ def first_logged(tmp: Path, metric: str) -> float:
 
 
 def test_the_algorithms_are_policies_evaluation_can_name():
-    assert ALGORITHMS == ("ppo", "dpo", "grpo") and set(ALGORITHMS) <= set(POLICIES)
+    assert ALGORITHMS == ("ppo", "dpo", "grpo", "mdpo") and set(ALGORITHMS) <= set(POLICIES)
     params_for("dpo").validate(Path("."))
     with pytest.raises(ConfigError, match=r"grpo\.batch_size: must be a multiple of grpo\.num_generations"):
         params_for("grpo", batch_size=3).validate(Path("."))
@@ -124,6 +125,11 @@ def test_the_algorithms_are_policies_evaluation_can_name():
     params_for("grpo", num_iterations=2, save_steps=4).validate(Path("."))
     with pytest.raises(ConfigError, match=r"dpo\.beta: must be > 0"):
         params_for("dpo", beta=0.0).validate(Path("."))
+    params_for("mdpo").validate(Path("."))
+    with pytest.raises(ConfigError, match=r"mdpo\.anchor_weight: must be >= 0"):
+        params_for("mdpo", anchor_weight=-1.0).validate(Path("."))
+    with pytest.raises(ConfigError, match=r"mdpo\.max_eval_sequences: must be > 0"):
+        params_for("mdpo", max_eval_sequences=0).validate(Path("."))
 
 
 def test_mismatch_pairs_have_no_dpo_form():
@@ -134,7 +140,7 @@ def test_mismatch_pairs_have_no_dpo_form():
     assert rows["chosen"][0] == [{"role": "assistant", "content": "i love my dogs."}]
 
 
-@pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
+@pytest.mark.parametrize("algorithm", ["dpo", "grpo", "mdpo"])
 def test_a_run_writes_the_adapter_and_its_metrics(algorithm, straight):
     metrics, folder = straight(algorithm)
     assert (metrics["algorithm"], metrics["steps"], metrics["resumed_from_step"]) == (algorithm, 2, 0)
@@ -149,15 +155,19 @@ def test_a_run_writes_the_adapter_and_its_metrics(algorithm, straight):
         # the reference is the SFT adapter: before the first update the implicit reward margin is exactly 0 (against
         # the adapter-disabled base model it would not be: the SFT fixture's adapter moves every log-prob)
         assert first_logged(folder, "train/rewards/margins") == 0.0
+    elif algorithm == "mdpo":
+        assert metrics["train_pairs"] == 8 and metrics["valid_pairs"] == 4
+        assert first_logged(folder, "train/margin") == 0.0  # the reference is the SFT policy, as in DPO
     else:  # sampled with top_k 0 although the base model's generation_config says 5 (see `grpo_base`)
         assert metrics["sampler_logprob_gap_max"] < 1e-4 and metrics["eval_reward"] is not None
 
 
-@pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
+@pytest.mark.parametrize("algorithm", ["dpo", "grpo", "mdpo"])
 def test_a_stopped_run_resumes_to_the_same_adapter_and_other_params_do_not(algorithm, straight, inputs, tmp_path):
     params = params_for(algorithm)
     assert run(params, inputs(algorithm), tmp_path, stop_after=1) == {"algorithm": algorithm, "stopped_after": 1}
-    paths, fingerprint = Paths(**inputs(algorithm)), {"dpo": dpo.fingerprint, "grpo": grpo.fingerprint}[algorithm]
+    paths, fingerprint = Paths(**inputs(algorithm)), {"dpo": dpo.fingerprint, "grpo": grpo.fingerprint,
+                                                "mdpo": mdpo.fingerprint}[algorithm]
     copy = shutil.copytree(tmp_path / "ckpt" / "align", tmp_path / "copy")
     assert training.prepare_checkpoints(copy, fingerprint(params, paths)) == str(copy / "checkpoint-1")
     assert training.prepare_checkpoints(copy, fingerprint(params_for(algorithm, beta=0.2), paths)) is None
@@ -215,3 +225,54 @@ def test_grpo_steps_num_iterations_times_on_each_generated_batch(inputs, tmp_pat
     metrics = run(params, inputs("grpo"), tmp_path)
     assert (metrics["steps"], metrics["num_iterations"]) == (4, 2)
     assert rewarded == [2, 2, 2]  # 2 batches of 1 prompt x 2 replies, then the final evaluation's 1 prompt x 2
+
+
+def test_mdpo_loss_is_the_conditional_term_plus_the_weighted_anchor():
+    """Hand-computed: margins 1.0 and -0.5 at beta 2; the anchor on the own-persona log-ratios 0.5 and 0.0."""
+    logratios = torch.tensor([0.5, 0.0, -0.5, 0.5])  # own sides, then other sides
+    loss, margin = mdpo.conditional_loss(logratios, beta=2.0, anchor_weight=0.5)
+    assert margin.tolist() == [1.0, -0.5]
+    softplus = torch.nn.functional.softplus  # -log sigmoid(x) = softplus(-x)
+    conditional = (softplus(torch.tensor(-2.0)) + softplus(torch.tensor(1.0))) / 2
+    anchor = (softplus(torch.tensor(-1.0)) + softplus(torch.tensor(0.0))) / 2
+    assert torch.isclose(loss, conditional + 0.5 * anchor)
+    assert torch.isclose(mdpo.conditional_loss(logratios, 2.0, 0.0)[0], conditional)
+
+
+def test_mdpo_pairs_put_one_gold_reply_under_its_own_and_another_train_persona(prepared, tokenizer):
+    dialogues = data.read_dialogues(prepared / "train.jsonl")
+    pairs = mdpo.conditional_pairs(dialogues, 6, 1, seed=3)
+    assert len(pairs) == 6 and pairs == mdpo.conditional_pairs(dialogues, 6, 1, seed=3)
+    train_personas = {data.persona_key(p) for d in dialogues for p in d.personas}
+    for prompt, other in pairs:
+        assert data.persona_key(other) != data.persona_key(prompt.facts) and data.persona_key(other) in train_personas
+    rows = mdpo.encode_pairs(pairs, tokenizer, 256)
+    for row in rows:  # the scored tokens are the same reply on both sides
+        own = [t for t, m in zip(row["own_ids"], row["own_mask"]) if m]
+        assert own == [t for t, m in zip(row["other_ids"], row["other_mask"]) if m] and own
+    assert len(mdpo.encode_pairs(pairs, tokenizer, 8)) == 0  # nothing fits 8 tokens: dropped, not cut
+
+
+def test_mdpo_raises_the_own_persona_margin_it_trains_on(straight, tiny_model_dir, sft_adapter, prepared, tokenizer):
+    """The trained policy's own-persona minus other-persona log-prob margin on its training pairs, measured again
+    here from the saved adapter by our own scoring, exceeds the SFT policy's (a swapped sign would lower it); on the
+    held-out pairs the same measure gives the accuracies the metrics report."""
+    metrics, folder = straight("mdpo")
+    params = params_for("mdpo")
+
+    def rows(split: str, n: int, seed: int) -> list[dict]:
+        dialogues = data.read_dialogues(prepared / f"{split}.jsonl")
+        return mdpo.encode_pairs(mdpo.conditional_pairs(dialogues, n, params.mdpo.max_history_turns, seed), tokenizer,
+                                 params.model.max_length)
+
+    def margins(adapter_dir: Path, pairs: list[dict]) -> list[float]:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir).eval()
+        scores = mdpo.reply_logprobs(model, pairs, tokenizer.pad_token_id, 4)
+        return [own - other for own, other in zip(scores[:len(pairs)], scores[len(pairs):])]
+
+    train = rows("train", params.mdpo.train_n, params.seed)
+    assert sum(margins(folder / "policy", train)) > sum(margins(sft_adapter, train)) + 0.1
+    valid = rows("valid", params.mdpo.max_eval_sequences, mdpo.derive_seed(params.seed, "mdpo-valid"))
+    for adapter_dir, key in ((folder / "policy", "valid_persona_accuracy"),
+                             (sft_adapter, "valid_persona_accuracy_sft")):
+        assert metrics[key] == round(sum(m > 0 for m in margins(adapter_dir, valid)) / len(valid), 4)

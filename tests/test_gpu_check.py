@@ -17,7 +17,15 @@ import pytest
 
 from persona import gpu_projection as gp
 from persona.config import ConfigError
-from persona.gpu_check import CPU_ROWS, GPU_ROWS, planned_rows, print_projection, projection_params, read_profile
+from persona.gpu_check import (
+    CPU_ROWS,
+    GPU_ROWS,
+    TRAINER_ALIGN,
+    planned_rows,
+    print_projection,
+    projection_params,
+    read_profile,
+)
 from persona.hardware import Machine
 from persona.profiles import available
 from tests.conftest import REPO
@@ -52,14 +60,15 @@ def test_tiny_gpu_check_on_cpu_reports_every_row_and_a_projection(tmp_path, toke
     report = json.loads((tmp_path / "report.json").read_text())
     rows = {(row["stage"], row["quant"], row["precision"]): row for row in report["rows"]}
     assert set(rows) == {(stage, quant, "fp32") for stage in ("sft", "reward", "ppo") for quant in ("none", "nf4")
-                         } | {("pairs", "none", "fp32"), ("dpo", "none", "fp32"), ("grpo", "none", "fp32")}
+                         } | {("pairs", "none", "fp32"), ("dpo", "none", "fp32"), ("grpo", "none", "fp32"),
+                           ("mdpo", "none", "fp32")}
     for key, row in rows.items():
         assert row["error"] is None and row["peak_memory_mb"] > 0, row
         if key[0] != "pairs":
             assert row["steps"] == 2 and row["trainable_dtype"] == "float32", row
-        if key[0] not in ("dpo", "grpo"):  # the TRL align algorithms have no step clock and report no tokens/s
+        if key[0] not in TRAINER_ALIGN:  # the Trainer-based align algorithms have no step clock, no tokens/s
             assert row["tokens_per_s"] > 0, row
-        if key[0] not in ("pairs", "dpo", "grpo"):
+        if key[0] not in ("pairs", *TRAINER_ALIGN):
             assert row["seconds_per_step"] > 0, row
     assert report["versions"]["torch"] and report["versions"]["bitsandbytes"]
     assert {(s["stage"], s["quant"], s["precision"]) for s in report["skipped"]} == {
@@ -85,7 +94,7 @@ def test_tiny_gpu_check_on_cpu_reports_every_row_and_a_projection(tmp_path, toke
     assert projection["projected_s"] == pytest.approx(sum(s["projected_s"] for s in stages.values()))
     assert "no T4 estimate" in projection["scaling"]
     assert re.search(r"^total +\d", done.stdout, re.MULTILINE), done.stdout
-    assert "13 runs passed, 0 failed" in done.stdout
+    assert "14 runs passed, 0 failed" in done.stdout
 
 
 def test_unknown_profile_or_architecture_fails_before_anything_runs(tmp_path):
@@ -108,11 +117,12 @@ def test_every_profile_has_an_offline_architecture(name):
 
 def test_rows_per_machine():
     runs, skipped = planned_rows(Machine(gpus=0, bf16=False, cpus=2))
-    assert runs == CPU_ROWS and len(skipped) == 11 and all("no CUDA GPU" in s["why"] for s in skipped)
+    assert runs == CPU_ROWS and len(skipped) == 13 and all("no CUDA GPU" in s["why"] for s in skipped)
     runs, skipped = planned_rows(Machine(gpus=2, bf16=False, cpus=4))  # a T4: fp16 rows only
-    assert runs == {stage: (("nf4", "fp16"),) for stage in ("sft", "reward", "ppo", "dpo", "grpo")}
+    assert runs == {stage: (("nf4", "fp16"),) for stage in ("sft", "reward", "ppo", "dpo", "grpo", "mdpo")}
     assert {(s["stage"], s["quant"]) for s in skipped} == {("sft", "nf4"), ("sft", "none"), ("reward", "nf4"),
-                                                           ("ppo", "nf4"), ("dpo", "nf4"), ("grpo", "nf4")}
+                                                           ("ppo", "nf4"), ("dpo", "nf4"), ("grpo", "nf4"),
+                                                           ("mdpo", "nf4")}
     assert all(s["precision"] == "bf16" and s["why"] == "this GPU has no native bf16" for s in skipped)
     runs, skipped = planned_rows(Machine(gpus=1, bf16=True, cpus=16))  # an H200: the fp16 rows run there too
     assert runs == GPU_ROWS and not skipped and all(("nf4", "fp16") in stage_runs for stage_runs in runs.values())

@@ -57,7 +57,8 @@ def make_project(root: Path, tiny_model_dir: Path) -> Path:
             shutil.copy(source, target)
     set_params(root, model={"name": str(tiny_model_dir), "max_length": 256}, data={"fraction": 0.5},
                sft=TINY, pairs=TINY_PAIRS, reward=TINY_REWARD, ppo=TINY_PPO, dpo=TINY_TRL_ALIGN,
-               grpo={**TINY_TRL_ALIGN, "num_generations": 2}, evaluate=TINY_EVAL)
+               grpo={**TINY_TRL_ALIGN, "num_generations": 2}, mdpo={**TINY_TRL_ALIGN, "train_n": 8},
+               evaluate=TINY_EVAL)
     sh("git", "init", "-q", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny", cwd=root)
@@ -262,7 +263,7 @@ def test_training_stages_run_as_two_process_ddp_on_cpu(project, tiny_model_dir):
     trained = [w for name, w in model.named_parameters() if "lora_B" in name]
     assert trained and all(w.abs().sum() > 0 for w in trained)
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
-    for algorithm in ("dpo", "grpo"):
+    for algorithm in ("dpo", "grpo", "mdpo"):
         set_params(project, align={"algorithm": algorithm})
         sh("dvc", "repro", "--single-item", "align", cwd=project)
         metrics = json.loads((project / "metrics" / "align.json").read_text())
