@@ -98,6 +98,12 @@ def run_section(name: str, folder: Path, shown: Path) -> str:
                      f"{algorithm} {_number(align.get(algorithm + '_reward'))}, paired gain {_signed(gain)} "
                      f"[{_signed(align['reward_gain_ci_low'])}, {_signed(align['reward_gain_ci_high'])}] "
                      f"(n={align.get('eval_prompts')}).")
+    if align.get("valid_persona_accuracy") is not None:  # mdpo: its own held-out pairs
+        key = "valid_persona_accuracy"
+        lines.append(f"Held-out pairs (one valid reply, its own vs another persona) ranked right: SFT "
+                     f"{_number(align[key + '_sft'])} -> {algorithm} {_number(align[key])}, paired gain "
+                     f"{_signed(align[key + '_gain'])} [{_signed(align[key + '_gain_ci_low'])}, "
+                     f"{_signed(align[key + '_gain_ci_high'])}] (n={align['valid_pairs']}).")
     return "\n".join(lines)
 
 

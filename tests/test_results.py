@@ -35,7 +35,15 @@ def test_a_results_folder_gets_its_own_table_and_marks(tmp_path):
     reward = json.loads((spc / "reward.json").read_text())  # the default run's pairs hold contradiction pairs
     assert f"contradiction pairs {reward['accuracy_contradiction']:.3f} [" in text
     assert f"(n={reward['n_contradiction']}); length-matched" in text
+    assert "ranked right" not in text  # only mdpo reports its held-out pairs
     assert results.write(readme, check=True)
+    (spc / "align.json").write_text(json.dumps({**align, "valid_persona_accuracy_sft": 0.6,
+                                                "valid_persona_accuracy": 0.7, "valid_persona_accuracy_gain": 0.1,
+                                                "valid_persona_accuracy_gain_ci_low": 0.05,
+                                                "valid_persona_accuracy_gain_ci_high": 0.15, "valid_pairs": 200}))
+    results.write(readme)
+    assert ("Held-out pairs (one valid reply, its own vs another persona) ranked right: SFT 0.600 -> ppo 0.700, "
+            "paired gain +0.100 [+0.050, +0.150] (n=200).") in readme.read_text()
 
 
 def test_missing_markers_are_named(tmp_path):
