@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 PANELS = {"sft": ("loss", "mean_token_accuracy", "entropy"),
           "reward": ("accuracy", "loss", "margin"),
           "align": ("reward", "kl", "entropy", "response_length")}
+# A stage that logged none of its PANELS draws these instead: mDPO (align.algorithm: mdpo) samples nothing, so it
+# has no reward, KL or reply length, only its preference loss, margin and accuracy.
+FALLBACK_PANELS = {"align": ("loss", "margin", "accuracy")}
 PANEL_INCHES = (3.6, 2.8)
 DPI = 100
 
@@ -60,9 +63,10 @@ def read_stage_curves(folder: Path) -> dict[str, dict[str, Curve]]:
 
 
 def draw_stage(stage: str, curves: dict[str, dict[str, Curve]], path: Path) -> list[str]:
-    """Write `stage`'s figure to `path`, one panel per metric of PANELS[stage] that was logged; the panels
-    drawn (none: nothing written)."""
-    panels = [metric for metric in PANELS[stage] if metric in curves]
+    """Write `stage`'s figure to `path`, one panel per metric of PANELS[stage] (or, none logged,
+    FALLBACK_PANELS[stage]) that was logged; the panels drawn (none: nothing written)."""
+    panels = ([metric for metric in PANELS[stage] if metric in curves]
+              or [metric for metric in FALLBACK_PANELS.get(stage, ()) if metric in curves])
     if not panels:
         return []
     # A bare Figure on the Agg canvas: PNG drawn in memory, no display or pyplot state (or its import time).

@@ -58,6 +58,18 @@ def test_each_stage_figure_is_a_png_with_a_panel_per_logged_metric(tmp_path):
     assert [panels_in(path) for path in written] == [1, 2, 3]
 
 
+def test_an_mdpo_align_stage_draws_its_preference_curves(tmp_path):
+    """mDPO samples nothing, so it logs none of PPO's panels: its figure shows the loss, margin and accuracy
+    that it logs (the names of results/cpu-spc-mdpo's run). Failed first: the plots stage stopped on a missing
+    metrics/curves_align.png."""
+    paths = Paths.under(tmp_path)
+    write_curves(paths, "align", {"train": ["loss", "margin", "accuracy", "grad_norm"],
+                                  "eval": ["loss", "margin", "accuracy"]})
+
+    assert render(paths) == [curves_chart(paths, "align")]
+    assert panels_in(curves_chart(paths, "align")) == 3
+
+
 def test_the_command_line_skips_a_stage_without_curves_with_a_warning(tmp_path, capsys):
     paths = Paths.under(tmp_path)
     write_curves(paths, "sft", {"train": ["loss"]})
