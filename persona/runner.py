@@ -23,6 +23,16 @@ USER_ERRORS = (ConfigError, MalformedRowError, FileNotFoundError)
 def main(stage: str, run: Callable[[Params], dict]) -> None:
     """Run one DVC stage: its params, its `run`, then its metrics file (paths.METRICS_FILES)."""
     write_metrics(DEFAULT.metrics_file(stage), run(start()))
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy a launched run's process group before the interpreter exits: gloo's worker threads can still
+    hold tensors then, and the teardown aborts the process at random ("terminate called without an active
+    exception", SIGABRT) after the stage's work is done, failing the stage (pytorch/pytorch#190489)."""
+    distributed = sys.modules.get("torch.distributed")  # a stage that never imported torch has no group
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def start(params_path: str | Path = DEFAULT.params) -> Params:

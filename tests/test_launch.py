@@ -1,6 +1,7 @@
 """Params against hardware, the accelerate command line, and the rank-agreement check of DDP runs."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -126,3 +127,34 @@ def test_a_run_with_other_than_the_asked_processes_stops():
     check_world_size(2, 2)
     with pytest.raises(ConfigError, match=r"launch\.processes: 2 asked for, but this run has 1 process"):
         check_world_size(2, 1)
+
+
+def _stage_worker(rank: int, port: int, folder: str, results) -> None:
+    import torch.distributed as dist
+
+    from persona import runner
+    os.chdir(folder)
+    os.environ["RANK"] = str(rank)  # as accelerate launch sets it: rank 0 alone writes the metrics
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def run(params):
+        everyone = [None, None]
+        dist.all_gather_object(everyone, rank)
+        return {"ranks": everyone}
+
+    runner.main("sft", run)
+    results[rank] = dist.is_initialized()
+
+
+def test_a_launched_stage_leaves_its_process_group_before_exit(tmp_path):
+    """A process that exits with its gloo group alive can abort in the interpreter's teardown, after the
+    stage's work is done ('terminate called without an active exception', SIGABRT): CI saw GRPO's
+    2-process align fail so. `runner.main` destroys the group once the metrics are written."""
+    from persona.launch import free_port
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    with torch.multiprocessing.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.spawn(_stage_worker, args=(free_port(), str(tmp_path), results), nprocs=2)
+        results = dict(results)
+    assert results == {0: False, 1: False}
+    assert json.loads((tmp_path / "metrics" / "sft.json").read_text()) == {"ranks": [0, 1]}
