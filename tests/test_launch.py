@@ -109,13 +109,18 @@ def _agreement_worker(rank: int, port: int, same_weights: bool, results) -> None
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("same_weights", [True, False])
-def test_rank_agreement_catches_processes_that_train_apart(same_weights):
+def _two_ranks(worker, *args) -> dict:
+    """Run `worker(rank, port, *args, results)` as 2 spawned processes; {rank: what it put in results}."""
     from persona.launch import free_port
     with torch.multiprocessing.Manager() as manager:
         results = manager.dict()
-        torch.multiprocessing.spawn(_agreement_worker, args=(free_port(), same_weights, results), nprocs=2)
-        results = dict(results)
+        torch.multiprocessing.spawn(worker, args=(free_port(), *args, results), nprocs=2)
+        return dict(results)
+
+
+@pytest.mark.parametrize("same_weights", [True, False])
+def test_rank_agreement_catches_processes_that_train_apart(same_weights):
+    results = _two_ranks(_agreement_worker, same_weights)
     if same_weights:
         assert results[0] == results[1] == {"processes": 2, "ranks_in_sync": True, "ranks_distinct_batches": True}
     else:
@@ -150,11 +155,6 @@ def test_a_launched_stage_leaves_its_process_group_before_exit(tmp_path):
     """A process that exits with its gloo group alive can abort in the interpreter's teardown, after the
     stage's work is done ('terminate called without an active exception', SIGABRT): CI saw GRPO's
     2-process align fail so. `runner.main` destroys the group once the metrics are written."""
-    from persona.launch import free_port
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    with torch.multiprocessing.Manager() as manager:
-        results = manager.dict()
-        torch.multiprocessing.spawn(_stage_worker, args=(free_port(), str(tmp_path), results), nprocs=2)
-        results = dict(results)
-    assert results == {0: False, 1: False}
+    assert _two_ranks(_stage_worker, str(tmp_path)) == {0: False, 1: False}
     assert json.loads((tmp_path / "metrics" / "sft.json").read_text()) == {"ranks": [0, 1]}
