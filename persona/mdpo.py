@@ -52,8 +52,8 @@ def conditional_pairs(dialogues, n: int, max_history: int, seed: int) -> list[tu
 
 
 def encode_pairs(pairs: list[tuple[Prompt, list[str]]], tokenizer, max_length: int) -> list[dict]:
-    """Each pair's reply under its own persona (`own_*`) and under the other (`other_*`), the reply alone scored;
-    pairs that do not fit `max_length` even without history are dropped."""
+    """Each pair's reply under its own persona (`own_*`) and under the other (`other_*`), the reply alone scored,
+    and its dialogue; pairs that do not fit `max_length` even without history are dropped."""
     rows = []
     for prompt, other in pairs:
         own = encode_messages(tokenizer, prompt.chat(reply=prompt.gold), "last", max_length)
@@ -61,7 +61,7 @@ def encode_pairs(pairs: list[tuple[Prompt, list[str]]], tokenizer, max_length: i
         if own is None or rival is None:
             continue
         rows.append({"own_ids": own.input_ids, "own_mask": own.completion_mask,
-                     "other_ids": rival.input_ids, "other_mask": rival.completion_mask})
+                     "other_ids": rival.input_ids, "other_mask": rival.completion_mask, "dialogue": prompt.dialogue})
     return rows
 
 
@@ -128,17 +128,18 @@ class ConditionalDPOTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def persona_accuracy(before: list[float], after: list[float], seed: int) -> dict:
+def persona_accuracy(before: list[float], after: list[float], dialogues: list[str], seed: int) -> dict:
     """Held-out pairs whose reply the SFT policy (`before`) and the trained one (`after`) find likelier under its own
-    persona than under the other, and the paired difference with its bootstrap 95% CI."""
+    persona than under the other, and the paired difference with its 95% CI; the CI resamples `dialogues` (one per
+    pair), as the evaluation's do: a dialogue's pairs share its speakers and topic."""
     half = len(before) // 2
     sft = [float(before[i] > before[half + i]) for i in range(half)]
     policy = [float(after[i] > after[half + i]) for i in range(half)]
-    gain = M.summarize([p - s for p, s in zip(policy, sft)], seed, 1000)
+    gain = M.paired_difference(policy, sft, dialogues, seed)
     return {"valid_pairs": half, "valid_persona_accuracy_sft": round(sum(sft) / half, 4),
             "valid_persona_accuracy": round(sum(policy) / half, 4),
-            "valid_persona_accuracy_gain": gain["mean"], "valid_persona_accuracy_gain_ci_low": gain["ci_low"],
-            "valid_persona_accuracy_gain_ci_high": gain["ci_high"]}
+            "valid_persona_accuracy_gain": gain["diff"], "valid_persona_accuracy_gain_ci_low": gain.get("ci_low"),
+            "valid_persona_accuracy_gain_ci_high": gain.get("ci_high")}
 
 
 def fingerprint(params: Params, paths: Paths) -> dict:
@@ -193,7 +194,8 @@ def train_mdpo(params: Params, paths: Paths, stop_after: int | None = None) -> d
     if trl_align.stopped_early(trainer):
         return {"stopped_after": trainer.state.global_step}
 
-    accuracy = persona_accuracy(valid_before, reply_logprobs(model, valid_rows, pad, cfg.batch_size), params.seed)
+    accuracy = persona_accuracy(valid_before, reply_logprobs(model, valid_rows, pad, cfg.batch_size),
+                                [row["dialogue"] for row in valid_rows], params.seed)
     rewards = trl_align.held_out_rewards(params, paths, compute, cfg, model, tokenizer, prompts, decoding, sft_chats)
     trl_align.save_policy(model, tokenizer, paths, checkpoint_dir, state.is_main_process)
     held = trl_align.last_eval(trainer)

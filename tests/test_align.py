@@ -3,6 +3,7 @@ writes the adapter and metrics with fp32 trainable weights, resumes a stopped ru
 run's checkpoint, DPO learns a preference, GRPO samples what it scores, mDPO learns which persona a reply is from."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,13 +14,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from persona import align, data, dpo, grpo, mdpo, training
+from persona import align, data, dpo, grpo, mdpo, training, trl_align
 from persona.config import ALGORITHMS, POLICIES, ConfigError
 from persona.dpo import preference_rows
 from persona.likelihood import reply_logprobs
 from persona.pairs import write_pairs
 from persona.paths import Paths
-from tests.conftest import params_with
+from tests.conftest import REPO, params_with
 from tests.test_ppo import reward_adapter  # noqa: F401 (a fixture)
 
 # The smallest runs that still save, resume and evaluate: on the tiny model TRL's chunked log-prob kernel over the
@@ -239,6 +240,19 @@ def test_mdpo_loss_is_the_conditional_term_plus_the_weighted_anchor():
     assert torch.isclose(mdpo.conditional_loss(logratios, 2.0, 0.0)[0], conditional)
 
 
+def test_mdpo_valid_accuracy_ci_resamples_dialogues_not_pairs():
+    """20 held-out pairs from 2 dialogues: after training, all of one dialogue's pairs rank right and none of the
+    other's. Resampling the 2 dialogues gives a CI from 0 to 1; resampling the 20 pairs would give a narrow one."""
+    before = [0.0] * 20 + [1.0] * 20  # own-persona log-probs, then other-persona: SFT ranks every pair wrong
+    after = [1.0] * 10 + [0.0] * 10 + [0.5] * 20
+    accuracy = mdpo.persona_accuracy(before, after, ["a"] * 10 + ["b"] * 10, seed=0)
+    assert (accuracy["valid_pairs"], accuracy["valid_persona_accuracy_sft"], accuracy["valid_persona_accuracy"]) == (
+        20, 0.0, 0.5)
+    assert accuracy["valid_persona_accuracy_gain"] == 0.5
+    assert (accuracy["valid_persona_accuracy_gain_ci_low"], accuracy["valid_persona_accuracy_gain_ci_high"]) == (
+        0.0, 1.0)
+
+
 def test_mdpo_pairs_put_one_gold_reply_under_its_own_and_another_train_persona(prepared, tokenizer):
     dialogues = data.read_dialogues(prepared / "train.jsonl")
     pairs = mdpo.conditional_pairs(dialogues, 6, 1, seed=3)
@@ -247,6 +261,7 @@ def test_mdpo_pairs_put_one_gold_reply_under_its_own_and_another_train_persona(p
     for prompt, other in pairs:
         assert data.persona_key(other) != data.persona_key(prompt.facts) and data.persona_key(other) in train_personas
     rows = mdpo.encode_pairs(pairs, tokenizer, 256)
+    assert [row["dialogue"] for row in rows] == [prompt.dialogue for prompt, _ in pairs]  # every pair fits 256
     for row in rows:  # the scored tokens are the same reply on both sides
         own = [t for t, m in zip(row["own_ids"], row["own_mask"]) if m]
         assert own == [t for t, m in zip(row["other_ids"], row["other_mask"]) if m] and own
@@ -276,3 +291,28 @@ def test_mdpo_raises_the_own_persona_margin_it_trains_on(straight, tiny_model_di
     for adapter_dir, key in ((folder / "policy", "valid_persona_accuracy"),
                              (sft_adapter, "valid_persona_accuracy_sft")):
         assert metrics[key] == round(sum(m > 0 for m in margins(adapter_dir, valid)) / len(valid), 4)
+
+
+def test_the_mdpo_probe_trains_without_a_reward_model_and_writes_only_under_its_folder(straight, inputs, tmp_path):
+    """scripts/mdpo_probe.py: the align stage's mDPO from a run's SFT adapter with `mdpo.*` overridden. Without
+    sampling or a reward model (the run's reward folder is missing here) it reports the held-out valid pairs as the
+    stage does; its policy and metrics go under its own folder; a key mdpo does not have is refused."""
+    spec = importlib.util.spec_from_file_location("mdpo_probe", REPO / "scripts" / "mdpo_probe.py")
+    probe_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe_script)
+    params = probe_script.with_overrides(params_for("mdpo"), ["mdpo.anchor_weight=0"])
+    assert params.mdpo.anchor_weight == 0.0 and params.mdpo.lr == params_for("mdpo").mdpo.lr
+    assert probe_script.with_overrides(params, ["mdpo.gradient_checkpointing=true"]).mdpo.gradient_checkpointing is True
+    for bad in ("mdpo.no_such_key=1", "anchor_weight=0", "mdpo.anchor_weight=-1"):
+        with pytest.raises(ConfigError):
+            probe_script.with_overrides(params, [bad])
+
+    held_out_rewards = trl_align.held_out_rewards
+    read = Paths(**{**inputs("mdpo"), "reward": tmp_path / "no-reward"})
+    metrics = probe_script.probe(params, read, tmp_path / "out")
+    assert trl_align.held_out_rewards is held_out_rewards  # the stage's own code is left as it was
+    assert (metrics["steps"], metrics["anchor_weight"], metrics["valid_pairs"]) == (2, 0.0, 4)
+    assert metrics["valid_persona_accuracy_sft"] == straight("mdpo")[0]["valid_persona_accuracy_sft"]
+    assert "reward_gain" not in metrics
+    assert (tmp_path / "out" / "models" / "policy" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
