@@ -21,8 +21,8 @@ T4x2 = Machine(gpus=2, bf16=False, cpus=4)
 A100 = Machine(gpus=1, bf16=True, cpus=12)
 PROFILES = ["a100-80gb", "cpu-quick", "cpu-spc", "cpu-spc-36-steps", "cpu-spc-36-steps-likelihood-1000",
             "cpu-spc-contradiction", "cpu-spc-dpo", "cpu-spc-floors", "cpu-spc-grpo", "cpu-spc-likelihood-1000",
-            "cpu-spc-max-contrast", "cpu-spc-mdpo", "cpu-spc-mdpo-beta-1", "cpu-spc-multiturn", "gpu-24gb",
-            "kaggle-2xt4"]
+            "cpu-spc-max-contrast", "cpu-spc-mdpo", "cpu-spc-mdpo-1200-pairs", "cpu-spc-mdpo-beta-1",
+            "cpu-spc-multiturn", "gpu-24gb", "kaggle-2xt4"]
 
 
 def test_the_committed_params_are_the_cpu_quick_profile(tmp_path):
