@@ -51,7 +51,11 @@ def probe(params: Params, read: Paths, out: Path) -> dict:
 if __name__ == "__main__":
     start_logging()
     out = Path(sys.argv[1])
-    result = {**probe(with_overrides(load_params(), sys.argv[2:]), Paths(), out), "probe_overrides": sys.argv[2:]}
+    try:
+        params = with_overrides(load_params(), sys.argv[2:])
+    except ConfigError as error:  # one line naming the key, as the stages report params errors
+        raise SystemExit(f"error: {error}") from None
+    result = {**probe(params, Paths(), out), "probe_overrides": sys.argv[2:]}
     (out / "align.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({key: value for key, value in result.items()
                       if "persona_accuracy" in key or key in ("train_loss", "eval_loss", "eval_margin")}, indent=2))
