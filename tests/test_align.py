@@ -307,10 +307,11 @@ def test_the_mdpo_probe_trains_without_a_reward_model_and_writes_only_under_its_
         with pytest.raises(ConfigError):
             probe_script.with_overrides(params, [bad])
 
-    held_out_rewards = trl_align.held_out_rewards
+    held_out_rewards, sample_chats = trl_align.held_out_rewards, mdpo.sample_chats
     read = Paths(**{**inputs("mdpo"), "reward": tmp_path / "no-reward"})
     metrics = probe_script.probe(params, read, tmp_path / "out")
     assert trl_align.held_out_rewards is held_out_rewards  # the stage's own code is left as it was
+    assert mdpo.sample_chats is sample_chats
     assert (metrics["steps"], metrics["anchor_weight"], metrics["valid_pairs"]) == (2, 0.0, 4)
     assert metrics["valid_persona_accuracy_sft"] == straight("mdpo")[0]["valid_persona_accuracy_sft"]
     assert "reward_gain" not in metrics
